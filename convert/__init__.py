@@ -1,0 +1,38 @@
+"""linconvert: migrate checkpoints between the `param` (in x out) and `linear` (out x in) layouts.
+
+The public API mirrors the command line; importing it does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ConvertError,
+    CorruptInputError,
+    NotEquivalentError,
+    OutputError,
+    UnsafeInputError,
+    UsageError,
+)
+from .layout import Layout  # noqa: E402
+
+__all__ = [
+    "ConvertError", "CorruptInputError", "Layout", "NotEquivalentError", "OutputError",
+    "ParamLinear", "UnsafeInputError", "UsageError", "__version__", "inspect_checkpoint",
+    "plan_conversion", "to_linear", "to_param",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ParamLinear":
+        from .modules import ParamLinear
+
+        return ParamLinear
+    if name in ("to_linear", "to_param", "inspect_checkpoint", "plan_conversion"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'convert' has no attribute '{name}'")

@@ -1,0 +1,5 @@
+"""`python -m convert`."""
+
+from .cli import main
+
+main()

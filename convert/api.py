@@ -1,0 +1,329 @@
+"""The Python API for migration scripts: the commands' operations, returning report objects.
+
+`to_linear`, `to_param` and `inspect_checkpoint` take the command-line options as keyword
+arguments and raise `ConvertError` subclasses (each with its exit code) instead of printing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    PT_SUFFIXES,
+    SAFETENSORS_SUFFIX,
+    Checkpoint,
+    open_checkpoint,
+    source_kind,
+)
+from .dtypes import is_float_matrix
+from .errors import OutputError, UsageError
+from .execute import Output, apply_plan
+from .formats.atomic import output_error, partial_path
+from .layout import Layout
+from .plan import Plan, build_plan
+from .selection import bias_evidence, build_reference, make_selection
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from `5GB`, `300KB` (decimal, as huggingface_hub) or `2GiB`."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    unit = m[2].upper() if m else ""
+    if unit in ("K", "M", "G", "T"):
+        unit += "B"
+    if not m or unit not in _UNITS or float(m[1]) <= 0:
+        raise UsageError(f"--max-shard-size '{text}' is not a size; write e.g. 5GB or 300MB.")
+    return int(float(m[1]) * _UNITS[unit])
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion planned and wrote."""
+
+    source: str
+    destination: str | None
+    layout: Layout
+    plan: Plan
+    dry_run: bool
+    files: list[str] = field(default_factory=list)
+    keys_written: int = 0
+    bytes_written: int = 0
+    source_sha256: str = ""
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "destination": self.destination,
+            "direction": self.layout.command, "dry_run": self.dry_run, "files": self.files,
+            "keys_written": self.keys_written, "bytes_written": self.bytes_written,
+            "source_sha256": self.source_sha256, "seconds": round(self.seconds, 4),
+            "warnings": self.warnings, "plan": self.plan.to_dict(),
+        }
+
+
+def _strip_layout(stem: str) -> str:
+    for tag in (".linear", ".param"):
+        if stem.endswith(tag):
+            return stem[: -len(tag)]
+    return stem
+
+
+_FORMAT_OF_SUFFIX = {SAFETENSORS_SUFFIX: "safetensors", **{s: "pt" for s in PT_SUFFIXES}}
+
+
+def resolve_output(src: Path, dst: Path | str | None, target: Layout, *, fmt: str | None = None,
+                   max_shard_size: str | int | None = None, overwrite: bool = False) -> Output:
+    """Where a conversion writes, per DESIGN.md's rules for DST, and in which format."""
+    if fmt == "onnx" or (dst is not None and str(dst).lower().endswith(".onnx")):
+        raise UsageError("ONNX export is not available in this version of linconvert; write "
+                         ".safetensors or .pt.")
+    if fmt is not None and fmt not in ("safetensors", "pt"):
+        raise UsageError(f"--format '{fmt}' is not one of safetensors, pt.")
+    shard = parse_size(max_shard_size) if max_shard_size is not None else None
+    kind = source_kind(src)
+    if dst is None:
+        if kind in ("folder", "index"):
+            base = src if kind == "folder" else src.parent
+            if fmt == "pt":
+                raise UsageError(f"a folder source '{src}' is written as a sharded safetensors "
+                                 "folder; name a .pt file with -o to write one file.")
+            return Output(base.parent / f"{_strip_layout(base.name)}.{target}", "safetensors",
+                          overwrite, shard or DEFAULT_MAX_SHARD_SIZE, folder=True)
+        suffix = src.suffix.lower() if src.suffix.lower() in CHECKPOINT_SUFFIXES else ""
+        if fmt:
+            suffix = SAFETENSORS_SUFFIX if fmt == "safetensors" else (
+                suffix if suffix in PT_SUFFIXES else ".pt")
+        suffix = suffix or SAFETENSORS_SUFFIX
+        stem = _strip_layout(src.name[: -len(src.suffix)] if src.suffix else src.name)
+        dst_path = src.parent / f"{stem}.{target}{suffix}"
+    else:
+        text = os.fspath(dst)
+        dst_path = Path(text)
+        if text == "-":
+            raise UsageError("DST '-' (standard output) is not supported; name a file.")
+        if text.endswith(("/", os.sep)) or dst_path.is_dir() or not dst_path.suffix:
+            if fmt == "pt":
+                raise UsageError(f"-o '{text}' is a folder, which holds sharded safetensors; "
+                                 "name a .pt file to write pt.")
+            return Output(dst_path, "safetensors", overwrite, shard or DEFAULT_MAX_SHARD_SIZE,
+                          folder=True)
+        suffix = dst_path.suffix.lower()
+        if suffix not in _FORMAT_OF_SUFFIX:
+            raise UsageError(f"-o '{text}' has an unknown suffix '{dst_path.suffix}'; use "
+                             ".safetensors, .pt/.pth/.bin, or a folder.")
+        if fmt and fmt != _FORMAT_OF_SUFFIX[suffix]:
+            raise UsageError(f"--format {fmt} contradicts -o '{text}'; drop one of them.")
+    out_fmt = _FORMAT_OF_SUFFIX[dst_path.suffix.lower()]
+    if shard is not None and out_fmt != "safetensors":
+        raise UsageError("--max-shard-size applies to safetensors output only.")
+    return Output(dst_path, out_fmt, overwrite, shard)
+
+
+def _existing_outputs(output: Output) -> list[Path]:
+    if output.max_shard_size is None:
+        return [output.path] if output.path.exists() else []
+    if output.folder:
+        folder, stem = output.path, "model"
+    else:
+        folder, stem = output.path.parent, output.path.name.removesuffix(".safetensors")
+    if not folder.is_dir():
+        return []
+    found = [folder / f"{stem}.safetensors.index.json"]
+    found += folder.glob(f"{stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]"
+                         ".safetensors")
+    return [p for p in found if p.exists()]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_paths(src: Path, output: Output) -> None:
+    if os.path.abspath(src) == os.path.abspath(output.path) or _same_file(src, output.path):
+        raise UsageError(f"SRC and DST are the same path '{src}'; linconvert never replaces its "
+                         "source: name another DST with -o.")
+    existing = _existing_outputs(output)
+    if existing and not output.overwrite:
+        raise OutputError(f"'{existing[0]}' exists; pass --overwrite to replace it, or choose "
+                          "another DST with -o.")
+    parent = output.path if output.folder else output.path.parent
+    if not output.folder and not parent.is_dir():
+        raise OutputError(f"cannot write '{output.path}': folder '{parent}' does not exist.")
+    partial_path(output.path)  # noqa: B018 - naming only; the writer removes stale partials
+
+
+def plan_conversion(ckpt: Checkpoint, target: Layout, *, layers: Sequence[str] = (),
+                    exclude: Sequence[str] = (), drop: Sequence[str] = (),
+                    rename: Sequence[tuple[str, str]] = (), rules: str | Path | None = None,
+                    preset: str | None = None, model: str | None = None) -> Plan:
+    """Build the plan for an opened checkpoint (headers only; `model` imports torch)."""
+    selection = make_selection(layers=tuple(layers), exclude=tuple(exclude), drop=tuple(drop),
+                               rename=tuple(tuple(r) for r in rename), rules=rules,
+                               preset=preset, model=model)
+    reference = build_reference(model) if model else None
+    return build_plan(ckpt.specs, target, selection, reference=reference,
+                      provenance=ckpt.provenance, tied=ckpt.tied, source=str(ckpt.path))
+
+
+def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
+            layers: Sequence[str] = (), exclude: Sequence[str] = (), drop: Sequence[str] = (),
+            rename: Sequence[tuple[str, str]] = (), rules: str | Path | None = None,
+            preset: str | None = None, model: str | None = None,
+            state_dict_key: str | None = None, allow_global: Sequence[str] = (),
+            dry_run: bool = False, overwrite: bool = False, format: str | None = None,
+            max_shard_size: str | int | None = None) -> ConversionReport:
+    """Plan and (unless dry_run) write a conversion of SRC into TARGET's layout."""
+    src_path = Path(src)
+    if os.fspath(src) == "-":
+        raise UsageError("SRC '-' (standard input) is not supported; name a checkpoint file.")
+    if not src_path.exists():
+        raise UsageError(f"SRC '{src}' does not exist.")
+    output = resolve_output(src_path, dst, target, fmt=format, max_shard_size=max_shard_size,
+                            overwrite=overwrite)
+    if not dry_run:
+        _check_paths(src_path, output)
+    with open_checkpoint(src_path, state_dict_key=state_dict_key,
+                         allow_globals=allow_global) as ckpt:
+        plan = plan_conversion(ckpt, target, layers=layers, exclude=exclude, drop=drop,
+                               rename=rename, rules=rules, preset=preset, model=model)
+        report = ConversionReport(str(src_path), str(output.path), target, plan, dry_run,
+                                  warnings=list(plan.warnings))
+        if output.format == "safetensors" and getattr(ckpt, "extras", None):
+            report.warnings.append(
+                f"'{src_path}' is a training checkpoint; its entries "
+                f"{', '.join(repr(e) for e in ckpt.extras[:6])} are not kept in safetensors "
+                "(write .pt to keep them).")
+        if dry_run:
+            return report
+        result = apply_plan(plan, ckpt, output)
+        if output.folder and ckpt.folder is not None:
+            _copy_side_files(ckpt.folder, output.path, ckpt, overwrite)
+    report.files = [str(p) for p in result.files]
+    report.keys_written = result.keys_written
+    report.bytes_written = result.bytes_written
+    report.source_sha256 = result.source_sha256
+    report.seconds = result.seconds
+    report.warnings += result.warnings
+    return report
+
+
+def _copy_side_files(src_folder: Path, dst_folder: Path, ckpt: Checkpoint,
+                     overwrite: bool) -> None:
+    """Copy a folder source's other files (config.json, tokenizer files) beside the output."""
+    skip = {p.resolve() for p in ckpt.files}
+    for p in sorted(src_folder.iterdir()):
+        if (not p.is_file() or p.name.startswith(".") or p.resolve() in skip
+                or p.name.endswith(".index.json") or p.suffix.lower() in CHECKPOINT_SUFFIXES):
+            continue
+        dst = dst_folder / p.name
+        if dst.exists() and not overwrite:
+            continue
+        tmp = partial_path(dst)
+        try:
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, dst)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise output_error(dst, e) from e
+
+
+def to_linear(src: str | Path, dst: str | Path | None = None, **options: Any) -> ConversionReport:
+    """Rewrite SRC so its linear weights are `nn.Linear`'s out x in (see `convert`)."""
+    return convert(src, dst, target=Layout.LINEAR, **options)
+
+
+def to_param(src: str | Path, dst: str | Path | None = None, **options: Any) -> ConversionReport:
+    """Rewrite SRC so its linear weights are the param layout's in x out (see `convert`)."""
+    return convert(src, dst, target=Layout.PARAM, **options)
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as `inspect` shows it."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str  # param, linear, ambiguous, other
+    evidence: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "shape": list(self.shape), "dtype": self.dtype,
+                "layout": self.layout, "evidence": self.evidence}
+
+
+@dataclass
+class InspectReport:
+    """Every tensor of a checkpoint with its detected layout."""
+
+    source: str
+    format: str
+    sharded: bool
+    tensors: list[TensorInfo]
+    extras: list[str]
+    tied: list[list[str]]
+    provenance: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "format": self.format, "sharded": self.sharded,
+                "tensors": [t.to_dict() for t in self.tensors], "extras": self.extras,
+                "tied": self.tied, "provenance": self.provenance}
+
+
+def inspect_checkpoint(src: str | Path, *, state_dict_key: str | None = None,
+                       allow_global: Sequence[str] = ()) -> InspectReport:
+    """List every tensor with shape, dtype and detected layout (`param`, `linear`,
+    `ambiguous`, `other`) and the evidence for it."""
+    src_path = Path(src)
+    if not src_path.exists():
+        raise UsageError(f"SRC '{src}' does not exist.")
+    with open_checkpoint(src_path, state_dict_key=state_dict_key,
+                         allow_globals=allow_global) as ckpt:
+        shapes = {k: s.shape for k, s in ckpt.specs.items()}
+        prov = ckpt.provenance
+        tensors = []
+        for k, spec in ckpt.specs.items():
+            tensors.append(TensorInfo(k, spec.shape, spec.dtype,
+                                      *_detect(k, spec.shape, spec.dtype, shapes, prov)))
+        prov_dict = None
+        if prov is not None:
+            prov_dict = {"layout": prov.layout.value, "source": prov.source_name,
+                         "source_sha256": prov.source_sha256, "tool_version": prov.tool_version,
+                         "transposed": sum(t for _, t in prov.keys.values()),
+                         "dropped": list(prov.dropped)}
+        return InspectReport(str(src_path), ckpt.format, ckpt.sharded, tensors,
+                             list(getattr(ckpt, "extras", [])), [list(g) for g in ckpt.tied],
+                             prov_dict)
+
+
+def _detect(key: str, shape: tuple[int, ...], dtype: str, shapes: dict[str, tuple[int, ...]],
+            prov: Any) -> tuple[str, str]:
+    if prov is not None and key in prov.keys and prov.keys[key][1]:
+        return prov.layout.value, f"provenance: transposed from '{prov.keys[key][0]}'"
+    if not is_float_matrix(dtype, shape):
+        return "other", "not a 2-D float tensor"
+    evidence = bias_evidence(key, shape, shapes)
+    if evidence:
+        return evidence[0].value, evidence[1]
+    if shape[0] == shape[1]:
+        return "ambiguous", "square with no bias sibling: --layers, --exclude or --model decides"
+    return "other", "2-D with no bias sibling: not a linear weight unless selected"

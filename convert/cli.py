@@ -1,0 +1,230 @@
+"""The `linconvert` command: parse, call the library, render.
+
+Exit codes are mapped here and nowhere else. Click runs with standalone_mode=False so that
+every outcome goes through `main`'s one handler. Nothing heavy is imported at module level, so
+`linconvert --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ConvertError, Terminated
+
+_state = {"verbose": 0, "quiet": False}
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    _state["verbose"] = max(_state["verbose"], value or 0)
+    return value
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    _state["quiet"] = _state["quiet"] or bool(value)
+    return value
+
+
+def verbosity(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbose,
+                     is_eager=True,
+                     help="Say more; -v also shows tracebacks of internal errors.")(f)
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+                     is_eager=True, help="Print no warnings or summaries on stderr.")(f)
+    return f
+
+
+def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--state-dict-key", metavar="A.B",
+                     help="Dotted path of the state dict inside a .pt training checkpoint.")(f)
+    f = click.option("--allow-global", "allow_global", multiple=True, metavar="MODULE.NAME",
+                     help="Trust this pickle global when loading .pt files (repeatable).")(f)
+    return f
+
+
+def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--layers", multiple=True, metavar="GLOB",
+                     help="Source keys that are linear weights to transpose (glob, or re:REGEX; "
+                          "repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB",
+                     help="Source keys never to transpose (repeatable)."),
+        click.option("--drop", multiple=True, metavar="GLOB",
+                     help="Source keys to leave out of the output (repeatable)."),
+        click.option("--rename", multiple=True, nargs=2, metavar="FROM TO",
+                     help="Regex substitution on every key, applied in order (repeatable)."),
+        click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="TOML rules file: layers, exclude, drop, [[rename]]."),
+        click.option("--preset", metavar="NAME",
+                     help="A shipped rules preset (see `linconvert presets`)."),
+        click.option("--model", metavar="MODULE:FACTORY",
+                     help="Reference model in the target layout, built on the meta device."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return source_options(f)
+
+
+def _warn(message: str) -> None:
+    if not _state["quiet"]:
+        click.echo(f"linconvert: warning: {message}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="linconvert")
+def cli() -> None:
+    """Migrate checkpoints between nn.Parameter (in x out, x @ W + b) and nn.Linear (out x in)
+    weight layouts.
+
+    Exit codes: 0 done, 2 usage or a selection the tool will not guess, 3 unsafe input,
+    4 unreadable or corrupt input, 5 output not written, 70 internal error, 130/143
+    interrupted.
+    """
+
+
+def _conversion_command(name: str, layout_name: str, doc: str) -> None:
+    @cli.command(name, help=doc)
+    @click.argument("src", type=click.Path(exists=True, path_type=Path))
+    @click.option("-o", "--output", "dst", type=click.Path(path_type=Path),
+                  help="Where to write (.safetensors, .pt/.pth/.bin, or a folder). Default: "
+                       f"NAME.{layout_name}.EXT beside SRC.")
+    @click.option("--format", "fmt", type=click.Choice(["safetensors", "pt", "onnx"]),
+                  help="Output format when -o does not say it by its suffix.")
+    @click.option("--max-shard-size", metavar="SIZE",
+                  help="Write sharded safetensors with shards of at most SIZE (e.g. 5GB).")
+    @selection_options
+    @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+    @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
+    @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+                  help="Write the plan and outcome as JSON to this file.")
+    @verbosity
+    def command(src: Path, dst: Path | None, fmt: str | None, max_shard_size: str | None,
+                dry_run: bool, overwrite: bool, report_path: Path | None,
+                **selection: Any) -> None:
+        from .api import convert
+        from .layout import Layout
+        from .report import render_plan, write_json
+
+        report = convert(src, dst, target=Layout(layout_name), dry_run=dry_run,
+                         overwrite=overwrite, format=fmt, max_shard_size=max_shard_size,
+                         **selection)
+        for w in report.warnings:
+            _warn(w)
+        if report_path is not None:
+            write_json(report_path, report.to_dict())
+        if dry_run:
+            click.echo(render_plan(report.plan))
+            return
+        click.echo(report.destination)
+        if not _state["quiet"]:
+            plan = report.plan
+            click.echo(f"linconvert: wrote '{report.destination}': {report.keys_written} tensors "
+                       f"({len(plan.transposed)} transposed, {len(plan.dropped)} dropped), "
+                       f"{report.bytes_written / 1e6:.1f} MB in {report.seconds:.2f} s.", err=True)
+
+
+_conversion_command("to-linear", "linear",
+                    "Rewrite SRC so its linear weights are nn.Linear's out x in.")
+_conversion_command("to-param", "param",
+                    "Rewrite SRC so its linear weights are the param layout's in x out.")
+
+
+@cli.command("inspect")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@source_options
+@verbosity
+def inspect_cmd(src: Path, as_json: bool, state_dict_key: str | None,
+                allow_global: tuple[str, ...]) -> None:
+    """List SRC's tensors with shape, dtype and detected layout, and the evidence."""
+    from .api import inspect_checkpoint
+    from .report import render_inspect
+
+    report = inspect_checkpoint(src, state_dict_key=state_dict_key, allow_global=allow_global)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(render_inspect(report))
+
+
+@cli.command("presets")
+@click.argument("name", required=False)
+@verbosity
+def presets_cmd(name: str | None) -> None:
+    """List the shipped rules presets, or print one."""
+    from .selection import list_presets, preset_text
+
+    if name:
+        click.echo(preset_text(name).rstrip())
+        return
+    for preset, description in list_presets().items():
+        click.echo(f"{preset}\t{description}")
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit code (the one handler that maps outcomes)."""
+    _state.update(verbose=0, quiet=False)
+    try:
+        rv = cli.main(args=argv, prog_name="linconvert", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except ConvertError as e:
+        click.echo(f"linconvert: error: {e}", err=True)
+        if _state["verbose"]:
+            traceback.print_exc()
+        return e.exit_code
+    except click.exceptions.ClickException as e:
+        e.show()
+        return 2
+    except click.exceptions.Abort:
+        click.echo("linconvert: interrupted.", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("linconvert: interrupted.", err=True)
+        return 130
+    except Terminated:
+        click.echo("linconvert: terminated.", err=True)
+        return 143
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except Exception as e:  # noqa: BLE001 - the one place a bug becomes exit 70
+        click.echo(f"linconvert: internal error ({type(e).__name__}: {e}); this is a bug, "
+                   "please report it with the output of the same command run with -v.", err=True)
+        if _state["verbose"]:
+            traceback.print_exc()
+        return 70
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main() -> None:
+    """Console-script entry point."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        code = run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    sys.exit(code)

@@ -1,0 +1,282 @@
+"""safetensors, read and written as bytes: an 8-byte length, a JSON header, raw data.
+
+Reading validates the header completely before anything is sized from it. Writing is our own
+(the official library's `save_file` needs every tensor in memory at once): it streams tensors
+in order, copies untouched ones without decoding them, and patches the header at the end
+(provenance holds the source's SHA-256, known only once the source has been read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..dtypes import DTYPES, nbytes_of
+from ..errors import CorruptInputError, OutputError
+from .atomic import AtomicFile, output_error
+
+MAX_HEADER_BYTES = 100_000_000  # the official reader's cap
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor of a safetensors file: dtype, shape and absolute byte range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: tensors in header order, string metadata, where the data starts."""
+
+    path: Path
+    tensors: dict[str, TensorRecord]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes (at least 9) start like a safetensors file."""
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= MAX_HEADER_BYTES and head[8:9] == b"{"
+
+
+def _unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key '{k}'")
+        out[k] = v
+    return out
+
+
+def _bad(path: Path, why: str) -> CorruptInputError:
+    return CorruptInputError(f"'{path}' is not a valid safetensors file: {why}.")
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Read and validate the header of a safetensors file; reads no tensor data.
+
+    Raises:
+        CorruptInputError: truncated file, oversized or malformed header, bad dtype, shape or
+            offsets, or offsets that do not tile the data exactly.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"the file has {size} bytes, fewer than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES:
+                raise _bad(path, f"its header claims {n} bytes, more than the {MAX_HEADER_BYTES} "
+                                 "allowed")
+            if n > size - 8:
+                raise _bad(path, f"its header claims {n} bytes but only {size - 8} follow "
+                                 "(truncated?)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CorruptInputError(f"cannot read '{path}': {e.strerror or e}.") from e
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _bad(path, f"its header is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise _bad(path, "its header is not a JSON object")
+
+    data_start = 8 + n
+    data_len = size - data_start
+    metadata: dict[str, str] = {}
+    records: dict[str, TensorRecord] = {}
+    for name, entry in obj.items():
+        if name == METADATA_KEY:
+            if entry is None:
+                continue
+            if not isinstance(entry, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
+            ):
+                raise _bad(path, "__metadata__ must map strings to strings")
+            metadata = dict(entry)
+            continue
+        records[name] = _record(path, name, entry, data_start)
+
+    cursor = data_start
+    for rec in sorted(records.values(), key=lambda r: (r.begin, r.end)):
+        if rec.begin != cursor:
+            raise _bad(path, f"tensor '{rec.name}' starts at data offset {rec.begin - data_start}"
+                             f" where {cursor - data_start} was expected (gap or overlap)")
+        cursor = rec.end
+    if cursor != size:
+        raise _bad(path, f"the tensors cover {cursor - data_start} bytes of data but the file "
+                         f"holds {data_len} (truncated or trailing bytes)")
+    return SafetensorsHeader(path, records, metadata, data_start, size)
+
+
+def _record(path: Path, name: str, entry: object, data_start: int) -> TensorRecord:
+    if not isinstance(entry, dict):
+        raise _bad(path, f"the entry for tensor '{name}' is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _bad(path, f"tensor '{name}' has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise _bad(path, f"tensor '{name}' has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _bad(path, f"tensor '{name}' has invalid data_offsets {offsets!r}")
+    want = nbytes_of(dtype, tuple(shape))
+    if offsets[1] - offsets[0] != want:
+        raise _bad(path, f"tensor '{name}' is {dtype} {shape} ({want} bytes) but its "
+                         f"data_offsets span {offsets[1] - offsets[0]} bytes")
+    return TensorRecord(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def encode_header(entries: Iterable[tuple[str, str, tuple[int, ...]]],
+                  metadata: dict[str, str]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The header bytes (length prefix included, padded to 8) and each tensor's data range."""
+    obj: dict[str, object] = {}
+    if metadata:
+        obj[METADATA_KEY] = metadata
+    ranges = []
+    offset = 0
+    for name, dtype, shape in entries:
+        n = nbytes_of(dtype, shape)
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        ranges.append((offset, offset + n))
+        offset += n
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, ranges
+
+
+class SafetensorsWriter:
+    """Streams tensors, in the order given, into DST through an AtomicFile.
+
+    Use as a context manager: `write()`/`copy_from()` in order, then `finish(metadata)` with
+    metadata whose encoded header has the same length as the one given at the start.
+    """
+
+    def __init__(self, dst: Path, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str], *, overwrite: bool):
+        self.dst = dst
+        self.entries = entries
+        self.header, ranges = encode_header(entries, metadata)
+        self.data_size = ranges[-1][1] if ranges else 0
+        self._file = AtomicFile(dst, overwrite=overwrite)
+        self._pos = 0
+
+    def __enter__(self) -> SafetensorsWriter:
+        self._file.__enter__()
+        self._write_all(self.header)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.__exit__(*exc)
+
+    @property
+    def fd(self) -> int:
+        return self._file.fd
+
+    def _write_all(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = os.write(self._file.fd, view)
+                view = view[n:]
+                self._pos += n
+        except OSError as e:
+            raise output_error(self.dst, e) from e
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Append raw tensor bytes."""
+        self._write_all(data)
+
+    def copy_from(self, src_fd: int, offset: int, length: int, scratch: bytearray) -> None:
+        """Append LENGTH bytes of SRC_FD from OFFSET without decoding them."""
+        try:
+            while length:
+                n = _copy_range(src_fd, self._file.fd, offset, length, scratch)
+                if n == 0:
+                    raise OutputError(f"cannot write '{self.dst}': the source ended early.")
+                offset += n
+                length -= n
+                self._pos += n
+        except OSError as e:
+            raise output_error(self.dst, e) from e
+
+    @property
+    def tmp_path(self) -> Path:
+        return self._file.tmp
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Patch the header with final metadata, check the size and fsync (not yet published)."""
+        header, _ = encode_header(self.entries, metadata)
+        if len(header) != len(self.header):
+            raise RuntimeError("final safetensors header does not fit the reserved space")
+        if self._pos != len(self.header) + self.data_size:
+            raise RuntimeError(f"wrote {self._pos} bytes to {self.dst}, planned "
+                               f"{len(self.header) + self.data_size}")
+        try:
+            os.pwrite(self._file.fd, header, 0)
+        except OSError as e:
+            raise output_error(self.dst, e) from e
+        self._file.fsync()
+
+    def commit(self) -> None:
+        """Publish DST (after `finish`)."""
+        self._file.commit(sync=False)
+
+
+_copy_file_range_ok = hasattr(os, "copy_file_range")
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, scratch: bytearray) -> int:
+    """Copy up to LENGTH bytes at OFFSET to DST_FD's position; returns how many were copied."""
+    global _copy_file_range_ok
+    if _copy_file_range_ok:
+        try:
+            return os.copy_file_range(src_fd, dst_fd, min(length, 1 << 30), offset)
+        except OSError as e:
+            import errno
+
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                               errno.EPERM):
+                raise
+            _copy_file_range_ok = False
+    view = memoryview(scratch)[: min(length, len(scratch))]
+    n = os.preadv(src_fd, [view], offset)
+    out = view[:n]
+    while out:
+        w = os.write(dst_fd, out)
+        out = out[w:]
+    return n
+
+
+def read_into(fd: int, offset: int, out: memoryview) -> None:
+    """Fill OUT with bytes of FD from OFFSET (the file was validated to hold them)."""
+    while out:
+        n = os.preadv(fd, [out], offset)
+        if n == 0:
+            raise CorruptInputError("a checkpoint file shrank while it was being read.")
+        out = out[n:]
+        offset += n

@@ -1,0 +1,1 @@
+"""Shipped rules files (`--preset NAME`)."""

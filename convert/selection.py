@@ -1,0 +1,308 @@
+"""What the user and the evidence say about which tensors are linear weights.
+
+Patterns match source keys (before renames) with `fnmatchcase`, or a regular expression with
+the `re:` prefix (matched against the whole key). Rules files, presets and options say the
+same things; options add to what a rules file says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .layout import Layout
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A glob or `re:` pattern and where it came from (an option, a rules file, a preset)."""
+
+    text: str
+    origin: str = "--layers"
+    shipped: bool = False
+
+    @cached_property
+    def _regex(self) -> re.Pattern[str] | None:
+        if not self.text.startswith("re:"):
+            return None
+        try:
+            return re.compile(self.text[3:])
+        except re.error as e:
+            raise UsageError(f"{self.origin} '{self.text}' is not a valid regular expression "
+                             f"({e}).") from e
+
+    def matches(self, key: str) -> bool:
+        rx = self._regex
+        return bool(rx.fullmatch(key)) if rx is not None else fnmatchcase(key, self.text)
+
+    def __str__(self) -> str:
+        return f"{self.origin} '{self.text}'"
+
+
+@dataclass(frozen=True)
+class Rename:
+    """An ordered regex substitution applied to every key after the decision."""
+
+    pattern: str
+    replacement: str
+    origin: str = "--rename"
+    shipped: bool = False
+
+    @cached_property
+    def _regex(self) -> re.Pattern[str]:
+        try:
+            return re.compile(self.pattern)
+        except re.error as e:
+            raise UsageError(f"{self.origin} '{self.pattern}' is not a valid regular expression "
+                             f"({e}).") from e
+
+    def apply(self, key: str) -> tuple[str, bool]:
+        try:
+            out, n = self._regex.subn(self.replacement, key)
+        except (re.error, IndexError) as e:
+            raise UsageError(f"{self.origin} '{self.pattern}' -> '{self.replacement}' has a bad "
+                             f"replacement ({e}).") from e
+        return out, n > 0
+
+    def __str__(self) -> str:
+        return f"{self.origin} '{self.pattern}' '{self.replacement}'"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Everything the user said about keys: selection, exclusions, drops, renames, model."""
+
+    layers: tuple[Pattern, ...] = ()
+    exclude: tuple[Pattern, ...] = ()
+    drop: tuple[Pattern, ...] = ()
+    renames: tuple[Rename, ...] = ()
+    model: str | None = None
+
+    @property
+    def chooses_layers(self) -> bool:
+        """Whether the user said which keys are linear weights (else provenance may decide)."""
+        return bool(self.layers or self.exclude or self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What changes the output, for the options hash and reports."""
+        return {
+            "layers": [p.text for p in self.layers],
+            "exclude": [p.text for p in self.exclude],
+            "drop": [p.text for p in self.drop],
+            "rename": [[r.pattern, r.replacement] for r in self.renames],
+            "model": self.model,
+        }
+
+    def options_hash(self, target: Layout) -> str:
+        """SHA-256 of the direction and every option that changes the output."""
+        blob = json.dumps({"direction": target.command, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def merged(self, other: Selection) -> Selection:
+        if self.model and other.model and self.model != other.model:
+            raise UsageError(f"two reference models given ('{self.model}', '{other.model}'); "
+                             "pass one --model.")
+        return Selection(self.layers + other.layers, self.exclude + other.exclude,
+                         self.drop + other.drop, self.renames + other.renames,
+                         self.model or other.model)
+
+    def target_key(self, key: str) -> str:
+        """KEY after every rename, in order."""
+        for r in self.renames:
+            key, _ = r.apply(key)
+        return key
+
+
+_RULE_KEYS = {"layers", "exclude", "drop", "rename", "description"}
+
+
+def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False) -> Selection:
+    """A Selection from a parsed rules file (or preset)."""
+    unknown = set(data) - _RULE_KEYS
+    if unknown:
+        raise UsageError(f"{origin}: unknown key(s) {', '.join(sorted(unknown))}; a rules file "
+                         f"holds {', '.join(sorted(_RULE_KEYS - {'description'}))}.")
+
+    def patterns(name: str) -> tuple[Pattern, ...]:
+        value = data.get(name, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{origin}: '{name}' must be a list of strings.")
+        return tuple(Pattern(v, f"{origin} {name}", shipped) for v in value)
+
+    renames = []
+    for i, r in enumerate(data.get("rename", [])):
+        if not isinstance(r, dict) or set(r) != {"from", "to"} or not all(
+            isinstance(v, str) for v in r.values()
+        ):
+            raise UsageError(f"{origin}: [[rename]] entry {i + 1} must have string keys 'from' "
+                             "and 'to' and nothing else.")
+        renames.append(Rename(r["from"], r["to"], f"{origin} rename", shipped))
+    return Selection(patterns("layers"), patterns("exclude"), patterns("drop"), tuple(renames))
+
+
+def load_rules(path: Path) -> Selection:
+    """Read a rules file (TOML)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"cannot read rules file '{path}' ({e.strerror or e}).") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"rules file '{path}' is not valid TOML ({e}).") from e
+    return rules_from_toml(data, f"rules file '{path}'")
+
+
+def list_presets() -> dict[str, str]:
+    """Shipped presets: name -> description."""
+    out = {}
+    for entry in sorted(resources.files("convert.presets").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            data = tomllib.loads(entry.read_text(encoding="utf-8"))
+            out[entry.name[:-5]] = str(data.get("description", ""))
+    return out
+
+
+def preset_text(name: str) -> str:
+    """The TOML text of a shipped preset."""
+    entry = resources.files("convert.presets") / f"{name}.toml"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not entry.is_file():
+        raise UsageError(f"no preset named '{name}'; `linconvert presets` lists them "
+                         f"({', '.join(list_presets())}).")
+    return entry.read_text(encoding="utf-8")
+
+
+def load_preset(name: str) -> Selection:
+    """A shipped preset; its rules that match nothing are skipped with a warning."""
+    return rules_from_toml(tomllib.loads(preset_text(name)), f"preset '{name}'", shipped=True)
+
+
+def make_selection(*, layers: tuple[str, ...] | list[str] = (),
+                   exclude: tuple[str, ...] | list[str] = (),
+                   drop: tuple[str, ...] | list[str] = (),
+                   rename: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
+                   rules: Path | str | None = None, preset: str | None = None,
+                   model: str | None = None) -> Selection:
+    """Combine a preset, a rules file and command-line options, in that order."""
+    sel = Selection()
+    if preset:
+        sel = sel.merged(load_preset(preset))
+    if rules:
+        sel = sel.merged(load_rules(Path(rules)))
+    options = Selection(
+        tuple(Pattern(p, "--layers") for p in layers),
+        tuple(Pattern(p, "--exclude") for p in exclude),
+        tuple(Pattern(p, "--drop") for p in drop),
+        tuple(Rename(a, b) for a, b in rename),
+        model,
+    )
+    for p in (*options.layers, *options.exclude, *options.drop):
+        p.matches("")  # compile now: a bad regex is a usage error before any work
+    for r in options.renames:
+        r.apply("")
+    return sel.merged(options)
+
+
+# --- evidence -------------------------------------------------------------------------------
+
+_BIAS_OF = {"weight": ("bias",), "W": ("b",), "kernel": ("bias",)}
+
+
+def bias_evidence(key: str, shape: tuple[int, ...],
+                  shapes: dict[str, tuple[int, ...]]) -> tuple[Layout, str] | None:
+    """The layout a 2-D weight's 1-D bias sibling proves, with the reason; None if it proves none.
+
+    `P.weight` (or `P.W`, `P.kernel`) with `P.bias` (or `P.b`) of length `shape[1] != shape[0]`
+    is param (in x out); of length `shape[0] != shape[1]`, linear (out x in).
+    """
+    prefix, dot, leaf = key.rpartition(".")
+    rows, cols = shape
+    for bias_leaf in _BIAS_OF.get(leaf, ()):
+        bias_key = f"{prefix}{dot}{bias_leaf}"
+        b = shapes.get(bias_key)
+        if b is None or len(b) != 1:
+            continue
+        if b[0] == cols != rows:
+            return Layout.PARAM, f"bias '{bias_key}' has {b[0]} = columns, so in x out"
+        if b[0] == rows != cols:
+            return Layout.LINEAR, f"bias '{bias_key}' has {b[0]} = rows, so out x in"
+    return None
+
+
+@dataclass(frozen=True)
+class RefEntry:
+    """One key of a reference model: its shape and the layout its owning module implies."""
+
+    shape: tuple[int, ...]
+    owner: str
+    layout: Layout | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """Torch-free facts about a `--model` (built on the meta device): keys, shapes, owners."""
+
+    spec: str
+    entries: dict[str, RefEntry]
+    ties: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _owner_layout(module: Any, leaf: str) -> Layout | None:
+    from torch import nn
+
+    from .modules import ParamLinear
+
+    if leaf != "weight":
+        return None
+    if isinstance(module, nn.Linear):
+        return Layout.LINEAR
+    cls = type(module)
+    if isinstance(module, ParamLinear) or (
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+    ):
+        return Layout.PARAM
+    return None
+
+
+def build_reference(spec: str) -> ReferenceModel:
+    """Build the user's target-layout model on the meta device and record its keys."""
+    from .factory import build_model
+
+    model = build_model(spec, "--model", device="meta")
+    entries: dict[str, RefEntry] = {}
+    by_tensor: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        tensors = list(module.named_parameters(recurse=False, remove_duplicate=False))
+        tensors += [(n, b) for n, b in module.named_buffers(recurse=False, remove_duplicate=False)
+                    if n not in module._non_persistent_buffers_set and b is not None]
+        for leaf, t in tensors:
+            if t is None:
+                continue
+            key = prefix + leaf
+            entries[key] = RefEntry(tuple(t.shape), type(module).__name__,
+                                    _owner_layout(module, leaf))
+            by_tensor.setdefault(id(t), []).append(key)
+    state_keys = list(model.state_dict(keep_vars=True))
+    entries = {k: entries[k] for k in state_keys if k in entries}
+    ties = {}
+    for keys in by_tensor.values():
+        keys = [k for k in keys if k in entries]
+        for k in keys:
+            if len(keys) > 1:
+                ties[k] = tuple(x for x in keys if x != k)
+    return ReferenceModel(spec, entries, ties)
