@@ -139,13 +139,15 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
             "to go back.")
     if provenance is not None and not selection.chooses_layers:
         decisions, reasons, warnings = _decide_from_provenance(flat, provenance, source)
+        names = {k: provenance.keys[k][0] for k in flat}
         from_provenance = True
     else:
         decisions, reasons, warnings = _decide(flat, target, selection, reference, source)
+        names = {}
         from_provenance = False
 
-    actions, more_warnings = _finish(flat, decisions, reasons, selection, reference, tied,
-                                     source)
+    actions, more_warnings = _finish(flat, decisions, reasons, names, selection, reference,
+                                     tied, source)
     warnings += more_warnings
     if not any(a.transpose for a in actions) and not from_provenance:
         raise UsageError(_nothing_to_transpose(flat, target, reasons, source))
@@ -304,9 +306,11 @@ def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, select
 
 
 def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, bool | None],
-            reasons: dict[str, str], selection: Selection, reference: ReferenceModel | None,
-            tied: Sequence[Sequence[str]], source: str) -> tuple[list[KeyAction], list[str]]:
-    """Apply renames, then check collisions, ties and the reference model's key set."""
+            reasons: dict[str, str], names: dict[str, str], selection: Selection,
+            reference: ReferenceModel | None, tied: Sequence[Sequence[str]],
+            source: str) -> tuple[list[KeyAction], list[str]]:
+    """Apply renames (after NAMES, provenance's original keys), then check collisions, ties
+    and the reference model's key set."""
     actions = []
     warnings: list[str] = []
     targets: dict[str, str] = {}
@@ -317,7 +321,7 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, b
         if decision is None:
             actions.append(KeyAction(k, "", shape, dtype, False, reasons[k], dropped=True))
             continue
-        t = k
+        t = names.get(k, k)
         for i, r in enumerate(selection.renames):
             t, hit = r.apply(t)
             if hit:
