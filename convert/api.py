@@ -166,7 +166,6 @@ def _check_paths(src: Path, output: Output) -> None:
     parent = output.path if output.folder else output.path.parent
     if not output.folder and not parent.is_dir():
         raise OutputError(f"cannot write '{output.path}': folder '{parent}' does not exist.")
-    partial_path(output.path)  # noqa: B018 - naming only; the writer removes stale partials
 
 
 def plan_conversion(ckpt: Checkpoint, target: Layout, *, layers: Sequence[str] = (),

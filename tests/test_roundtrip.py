@@ -194,3 +194,20 @@ def test_param_linear_matches_nn_linear():
     assert Layout.PARAM.other is Layout.LINEAR
 
 
+
+
+def test_non_contiguous_zero_size_and_scalar_tensors(tmp_path):
+    torch.manual_seed(7)
+    sd = {"a.weight": torch.randn(5, 3).t(), "a.bias": torch.randn(5),
+          "z.weight": torch.zeros(0, 4), "z.bias": torch.zeros(4), "s": torch.tensor(3.0),
+          "view": torch.randn(10, 10)[2:5, 1:6]}
+    torch.save(sd, tmp_path / "x.pt")
+    report = convert.to_linear(tmp_path / "x.pt", tmp_path / "o.safetensors", layers=["view"])
+    assert {a.source for a in report.plan.transposed} == {"a.weight", "z.weight", "view"}
+    out = load_file(tmp_path / "o.safetensors")
+    assert torch.equal(out["a.weight"], sd["a.weight"].t())
+    assert torch.equal(out["view"], sd["view"].t())
+    assert out["z.weight"].shape == (4, 0)
+    convert.to_param(tmp_path / "o.safetensors", tmp_path / "b.pt")
+    back = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
