@@ -138,7 +138,8 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
             f"converting it again would transpose its weights twice; use {target.other.command} "
             "to go back.")
     if provenance is not None and not selection.chooses_layers:
-        decisions, reasons, warnings = _decide_from_provenance(flat, provenance, source)
+        decisions, reasons, warnings = _decide_from_provenance(flat, provenance, selection,
+                                                               source)
         names = {k: provenance.keys[k][0] for k in flat}
         from_provenance = True
     else:
@@ -157,11 +158,17 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
 
 
 def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: Provenance,
-                            source: str) -> tuple[dict[str, bool | None], dict[str, str],
-                                                  list[str]]:
+                            selection: Selection, source: str) -> tuple[dict[str, bool | None],
+                                                                        dict[str, str],
+                                                                        list[str]]:
     decisions: dict[str, bool | None] = {}
     reasons: dict[str, str] = {}
+    used: set[Pattern] = set()
     for k, (shape, dtype) in flat.items():
+        drop = _first(selection.drop, k, used)
+        if drop:
+            decisions[k], reasons[k] = None, f"dropped by {drop}"
+            continue
         entry = prov.keys.get(k)
         if entry is None:
             raise CorruptInputError(f"'{source}' holds '{k}', which its linconvert provenance "
@@ -174,7 +181,7 @@ def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: 
         decisions[k] = transposed
         reasons[k] = (f"provenance: written from '{was}' "
                       f"{'transposed' if transposed else 'unchanged'}")
-    warnings = []
+    warnings = _unused_patterns(selection.drop, used, source)
     if prov.dropped:
         warnings.append(f"the conversion that wrote '{source}' dropped {_quoted(prov.dropped)}; "
                         "they cannot be restored.")
@@ -261,26 +268,30 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
             no_evidence.append(k)
             decisions[k], reasons[k] = False, "no evidence: not a linear weight unless selected"
 
-    unused = [p for p in (*selection.layers, *selection.exclude, *selection.drop)
-              if p not in used]
-    for p in unused:
-        if p.shipped:
-            warnings.append(f"{p} matches no key of '{source}'; skipped.")
-        else:
-            errors.append(f"{p} matches no key of '{source}'")
+    warnings += _unused_patterns((*selection.layers, *selection.exclude, *selection.drop), used,
+                                 source)
     if errors:
         raise UsageError("; ".join(errors) + ".")
     if ambiguous:
         raise UsageError(
             f"'{source}' has square weights with no evidence of their layout: "
-            f"{_quoted(ambiguous)}; a square matrix loads silently either way, so say which "
-            f"are linear weights to transpose with --layers (e.g. --layers '{ambiguous[0]}'), "
-            "which to leave with --exclude, or give the target model with --model "
-            "MODULE:FACTORY.")
+            f"{_quoted(ambiguous, len(ambiguous))}; a square matrix loads silently either way, "
+            "so say which are linear weights to transpose with --layers "
+            f"(e.g. --layers '{ambiguous[0]}'), which to leave with --exclude, or give the "
+            "target model with --model MODULE:FACTORY.")
     if no_evidence:
         warnings.append(f"no evidence that {_quoted(no_evidence)} are linear weights (no bias "
                         "sibling); left as they are; select them with --layers if they are.")
     return decisions, reasons, warnings
+
+
+def _unused_patterns(patterns: Sequence[Pattern], used: set[Pattern], source: str) -> list[str]:
+    """Warnings for shipped patterns that matched nothing; UsageError for the user's."""
+    unused = [p for p in patterns if p not in used]
+    mine = [p for p in unused if not p.shipped]
+    if mine:
+        raise UsageError("; ".join(f"{p} matches no key of '{source}'" for p in mine) + ".")
+    return [f"{p} matches no key of '{source}'; skipped." for p in unused]
 
 
 def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, selection: Selection,
@@ -377,7 +388,8 @@ def _reference_mismatch(actions: list[KeyAction], ref: ReferenceModel) -> list[s
 def _nothing_to_transpose(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout,
                           reasons: dict[str, str], source: str) -> str:
     already = [k for k, r in reasons.items() if r.endswith(f"already {target}")
-               or "wants this shape" in r]
+               or "wants this shape" in r or (r.startswith("reference model:")
+                                              and f"({target.other} layout)" in r)]
     unproven = [k for k, r in reasons.items() if r.startswith("no evidence")]
     if already:
         return (f"nothing to transpose in '{source}': its weights are already in the {target} "

@@ -146,6 +146,9 @@ def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False)
         return tuple(Pattern(v, f"{origin} {name}", shipped) for v in value)
 
     renames = []
+    if not isinstance(data.get("rename", []), list):
+        raise UsageError(f"{origin}: 'rename' must be an array of tables ([[rename]] with from "
+                         "and to).")
     for i, r in enumerate(data.get("rename", [])):
         if not isinstance(r, dict) or set(r) != {"from", "to"} or not all(
             isinstance(v, str) for v in r.values()
@@ -210,11 +213,12 @@ def make_selection(*, layers: tuple[str, ...] | list[str] = (),
         tuple(Rename(a, b) for a, b in rename),
         model,
     )
-    for p in (*options.layers, *options.exclude, *options.drop):
+    sel = sel.merged(options)
+    for p in (*sel.layers, *sel.exclude, *sel.drop):
         p.matches("")  # compile now: a bad regex is a usage error before any work
-    for r in options.renames:
+    for r in sel.renames:
         r.apply("")
-    return sel.merged(options)
+    return sel
 
 
 # --- evidence -------------------------------------------------------------------------------
