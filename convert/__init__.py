@@ -22,7 +22,7 @@ from .layout import Layout  # noqa: E402
 __all__ = [
     "ConvertError", "CorruptInputError", "Layout", "NotEquivalentError", "OutputError",
     "ParamLinear", "UnsafeInputError", "UsageError", "__version__", "inspect_checkpoint",
-    "plan_conversion", "to_linear", "to_param",
+    "plan_conversion", "to_linear", "to_param", "verify",
 ]
 
 
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
         from .modules import ParamLinear
 
         return ParamLinear
-    if name in ("to_linear", "to_param", "inspect_checkpoint", "plan_conversion"):
+    if name in ("to_linear", "to_param", "inspect_checkpoint", "plan_conversion", "verify"):
         from . import api
 
         return getattr(api, name)

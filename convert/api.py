@@ -20,9 +20,11 @@ from .checkpoint import (
     SAFETENSORS_SUFFIX,
     Checkpoint,
     open_checkpoint,
+    open_written,
     source_kind,
 )
 from .dtypes import is_float_matrix
+from .equivalence import VerifyReport
 from .errors import OutputError, UsageError
 from .execute import Output, apply_plan
 from .formats.atomic import output_error, partial_path
@@ -64,6 +66,7 @@ class ConversionReport:
     source_sha256: str = ""
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    verification: VerifyReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +75,7 @@ class ConversionReport:
             "keys_written": self.keys_written, "bytes_written": self.bytes_written,
             "source_sha256": self.source_sha256, "seconds": round(self.seconds, 4),
             "warnings": self.warnings, "plan": self.plan.to_dict(),
+            "verification": self.verification.to_dict() if self.verification else None,
         }
 
 
@@ -187,8 +191,14 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
             preset: str | None = None, model: str | None = None,
             state_dict_key: str | None = None, allow_global: Sequence[str] = (),
             dry_run: bool = False, overwrite: bool = False, format: str | None = None,
-            max_shard_size: str | int | None = None) -> ConversionReport:
-    """Plan and (unless dry_run) write a conversion of SRC into TARGET's layout."""
+            max_shard_size: str | int | None = None, verify: bool = True,
+            device: str = "cpu") -> ConversionReport:
+    """Plan and (unless dry_run) write a conversion of SRC into TARGET's layout.
+
+    With `verify` (the default) the written files, fsynced and read back from disk under their
+    temporary names, are verified against SRC layer by layer before DST is renamed into place;
+    a difference raises NotEquivalentError (exit 1) and leaves no DST.
+    """
     src_path = Path(src)
     if os.fspath(src) == "-":
         raise UsageError("SRC '-' (standard input) is not supported; name a checkpoint file.")
@@ -198,6 +208,11 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
                             overwrite=overwrite)
     if not dry_run:
         _check_paths(src_path, output)
+        if verify:
+            from .equivalence import resolve_device
+
+            _import_torch_in_background()
+            resolve_device(device)
     with open_checkpoint(src_path, state_dict_key=state_dict_key,
                          allow_globals=allow_global) as ckpt:
         plan = plan_conversion(ckpt, target, layers=layers, exclude=exclude, drop=drop,
@@ -211,7 +226,18 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
                 "(write .pt to keep them).")
         if dry_run:
             return report
-        result = apply_plan(plan, ckpt, output)
+
+        def check(paths: list[Path]) -> None:
+            from .equivalence import pairs_from_plan, verify_checkpoints
+
+            with open_written(paths, output.format, output.path, state_dict_key=state_dict_key,
+                              allow_globals=allow_global) as written:
+                report.verification = verify_checkpoints(
+                    ckpt, written, pairs=pairs_from_plan(plan), dropped=set(plan.dropped),
+                    dst_layout=target, pairing="the plan", device=device)
+            report.verification.raise_if_different()
+
+        result = apply_plan(plan, ckpt, output, check if verify else None)
         if output.folder and ckpt.folder is not None:
             _copy_side_files(ckpt.folder, output.path, ckpt, overwrite)
     report.files = [str(p) for p in result.files]
@@ -221,6 +247,15 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
     report.seconds = result.seconds
     report.warnings += result.warnings
     return report
+
+
+def _import_torch_in_background() -> None:
+    """Verification will need torch: import it on a thread while streaming (1.7 s here)."""
+    import sys
+    import threading
+
+    if "torch" not in sys.modules:
+        threading.Thread(target=__import__, args=("torch",), daemon=True).start()
 
 
 def _copy_side_files(src_folder: Path, dst_folder: Path, ckpt: Checkpoint,
@@ -251,6 +286,60 @@ def to_linear(src: str | Path, dst: str | Path | None = None, **options: Any) ->
 def to_param(src: str | Path, dst: str | Path | None = None, **options: Any) -> ConversionReport:
     """Rewrite SRC so its linear weights are the param layout's in x out (see `convert`)."""
     return convert(src, dst, target=Layout.PARAM, **options)
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+def verify(src: str | Path, dst: str | Path, *, layers: Sequence[str] = (),
+           exclude: Sequence[str] = (), drop: Sequence[str] = (),
+           rename: Sequence[tuple[str, str]] = (), rules: str | Path | None = None,
+           preset: str | None = None, model: str | None = None,
+           state_dict_key: str | None = None, allow_global: Sequence[str] = (),
+           device: str = "cpu", atol: float | None = None, rtol: float | None = None,
+           batch_size: int = 8, seed: int = 0, source_model: str | None = None,
+           target_model: str | None = None, input_shape: Sequence[Sequence[int]] = (),
+           input_dtype: str = "float32", input_high: int | None = None) -> VerifyReport:
+    """Check that DST computes what SRC computes; returns the report (see `VerifyReport`).
+
+    Pairs come from DST's provenance, else the selection options, else names and transposed
+    shapes. With `source_model` and `target_model` the two models are compared whole.
+    """
+    from .equivalence import pair_keys, verify_checkpoints, verify_models
+
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1.")
+    for p in (src, dst):
+        if os.fspath(p) == "-" or not Path(p).exists():
+            raise UsageError(f"'{p}' does not exist.")
+    if bool(source_model) != bool(target_model):
+        raise UsageError("whole-model verification needs both --source-model and "
+                         "--target-model.")
+    selection = make_selection(layers=tuple(layers), exclude=tuple(exclude), drop=tuple(drop),
+                               rename=tuple(tuple(r) for r in rename), rules=rules,
+                               preset=preset, model=model)
+    dst_key = state_dict_key if source_kind(Path(dst)) == "pt" else None
+    src_key = state_dict_key if source_kind(Path(src)) == "pt" else None
+    with open_checkpoint(src, state_dict_key=src_key, allow_globals=allow_global) as s, \
+            open_checkpoint(dst, state_dict_key=dst_key, allow_globals=allow_global) as d:
+        if source_model and target_model:
+            report = verify_models(s, d, source_model=source_model, target_model=target_model,
+                                   input_shapes=[tuple(x) for x in input_shape],
+                                   input_dtype=input_dtype, input_high=input_high,
+                                   device=device, seed=seed, atol=atol, rtol=rtol)
+            if d.provenance is not None:  # per-layer pairs that need no guess
+                pairs, dropped, layout, how = pair_keys(s, d)
+                layers_report = verify_checkpoints(s, d, pairs=pairs, dropped=dropped,
+                                                   dst_layout=layout, pairing=how,
+                                                   device=device, batch_size=batch_size,
+                                                   seed=seed, atol=atol, rtol=rtol)
+                report.results += layers_report.results
+                report.pairing += " and DST's provenance"
+            return report
+        reference = build_reference(model) if model else None
+        pairs, dropped, layout, how = pair_keys(s, d, selection, reference)
+        return verify_checkpoints(s, d, pairs=pairs, dropped=dropped, dst_layout=layout,
+                                  pairing=how, device=device, batch_size=batch_size, seed=seed,
+                                  atol=atol, rtol=rtol)
 
 
 # --- inspect --------------------------------------------------------------------------------

@@ -378,3 +378,12 @@ def _open_index(index_path: Path, state_dict_key: str | None,
     ckpt.sharded = True
     ckpt.index_metadata = index.metadata
     return ckpt
+
+
+def open_written(paths: Sequence[Path], fmt: str, display: Path, *,
+                 state_dict_key: str | None = None,
+                 allow_globals: Sequence[str] = ()) -> Checkpoint:
+    """Open files just written (temporary names, so no suffix rules) as one checkpoint."""
+    if fmt == "safetensors":
+        return SafetensorsCheckpoint(display, [st.read_header(p) for p in paths])
+    return TorchCheckpoint(display, list(paths), state_dict_key, allow_globals)

@@ -103,20 +103,32 @@ def _conversion_command(name: str, layout_name: str, doc: str) -> None:
                   help="Write sharded safetensors with shards of at most SIZE (e.g. 5GB).")
     @selection_options
     @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+    @click.option("--verify/--no-verify", default=True, show_default=True,
+                  help="Verify the written file, read back from disk, before publishing it.")
+    @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+                  help="Where verification runs its forward passes.")
     @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
     @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
                   help="Write the plan and outcome as JSON to this file.")
     @verbosity
     def command(src: Path, dst: Path | None, fmt: str | None, max_shard_size: str | None,
-                dry_run: bool, overwrite: bool, report_path: Path | None,
-                **selection: Any) -> None:
+                dry_run: bool, verify: bool, device: str, overwrite: bool,
+                report_path: Path | None, **selection: Any) -> None:
         from .api import convert
+        from .errors import NotEquivalentError
         from .layout import Layout
-        from .report import render_plan, write_json
+        from .report import render_plan, render_verify, write_json
 
-        report = convert(src, dst, target=Layout(layout_name), dry_run=dry_run,
-                         overwrite=overwrite, format=fmt, max_shard_size=max_shard_size,
-                         **selection)
+        try:
+            report = convert(src, dst, target=Layout(layout_name), dry_run=dry_run,
+                             overwrite=overwrite, format=fmt, max_shard_size=max_shard_size,
+                             verify=verify, device=device, **selection)
+        except NotEquivalentError as e:
+            if e.report is not None:
+                click.echo(render_verify(e.report))
+                if report_path is not None:
+                    write_json(report_path, e.report.to_dict())
+            raise
         for w in report.warnings:
             _warn(w)
         if report_path is not None:
@@ -127,15 +139,81 @@ def _conversion_command(name: str, layout_name: str, doc: str) -> None:
         click.echo(report.destination)
         if not _state["quiet"]:
             plan = report.plan
+            checked = report.verification
+            verdict = (f", verified equivalent ({len(checked.results)} checks)" if checked
+                       else ", not verified")
             click.echo(f"linconvert: wrote '{report.destination}': {report.keys_written} tensors "
                        f"({len(plan.transposed)} transposed, {len(plan.dropped)} dropped), "
-                       f"{report.bytes_written / 1e6:.1f} MB in {report.seconds:.2f} s.", err=True)
+                       f"{report.bytes_written / 1e6:.1f} MB in {report.seconds:.2f} s{verdict}.",
+                       err=True)
 
 
 _conversion_command("to-linear", "linear",
                     "Rewrite SRC so its linear weights are nn.Linear's out x in.")
 _conversion_command("to-param", "param",
                     "Rewrite SRC so its linear weights are the param layout's in x out.")
+
+
+def _input_shape(ctx: click.Context, param: click.Parameter,
+                 value: tuple[str, ...]) -> list[tuple[int, ...]]:
+    shapes = []
+    for text in value:
+        try:
+            shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+        except ValueError:
+            shape = ()
+        if not shape or any(d < 0 for d in shape):
+            raise click.BadParameter(f"'{text}' is not a shape; write e.g. 4,784.")
+        shapes.append(shape)
+    return shapes
+
+
+@cli.command("verify")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(exists=True, path_type=Path))
+@selection_options
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+              help="Where the forward passes run.")
+@click.option("--atol", type=float, help="Absolute tolerance (scaled by sqrt(in) per layer).")
+@click.option("--rtol", type=float, help="Relative tolerance.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Random input rows per layer.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the inputs.")
+@click.option("--source-model", metavar="MODULE:FACTORY",
+              help="Whole-model mode: the model SRC loads into.")
+@click.option("--target-model", metavar="MODULE:FACTORY",
+              help="Whole-model mode: the model DST loads into.")
+@click.option("--input-shape", multiple=True, callback=_input_shape, metavar="4,784",
+              help="Whole-model mode: the shape of one input (repeatable, in order).")
+@click.option("--input-dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64", "int32"]),
+              help="Whole-model mode: the inputs' dtype (int64 for token ids).")
+@click.option("--input-high", type=click.IntRange(min=1),
+              help="Whole-model mode: integer inputs are drawn from [0, N).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report as JSON.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report as JUnit XML (one test case per layer).")
+@verbosity
+def verify_cmd(src: Path, dst: Path, report_path: Path | None, junit_path: Path | None,
+               **options: Any) -> None:
+    """Check that DST computes what SRC computes (exit 0) or name what differs (exit 1)."""
+    from .api import verify
+    from .errors import NotEquivalentError
+    from .report import render_verify, write_json, write_junit
+
+    report = verify(src, dst, **options)
+    click.echo(render_verify(report))
+    for w in report.warnings:
+        _warn(w)
+    if report_path is not None:
+        write_json(report_path, report.to_dict())
+    if junit_path is not None:
+        write_junit(junit_path, report)
+    if not report.equivalent:
+        raise NotEquivalentError(f"'{dst}' is not equivalent to '{src}': "
+                                 + ", ".join(f"'{r.name}'" for r in report.failures[:10])
+                                 + (" and more" if len(report.failures) > 10 else "") + ".")
 
 
 @cli.command("inspect")

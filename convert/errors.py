@@ -10,9 +10,13 @@ class ConvertError(Exception):
 
 
 class NotEquivalentError(ConvertError):
-    """Verification found a difference."""
+    """Verification found a difference; `report` holds the full VerifyReport when known."""
 
     exit_code = 1
+
+    def __init__(self, message: str, report: object = None):
+        super().__init__(message)
+        self.report = report
 
 
 class UsageError(ConvertError):

@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +113,15 @@ def provenance_for(plan: Plan, ckpt: Checkpoint, sha: str = SHA_PLACEHOLDER) -> 
     )
 
 
-def apply_plan(plan: Plan, ckpt: Checkpoint, output: Output) -> ExecutionResult:
+BeforeCommit = Callable[[list[Path]], None]
+
+
+def apply_plan(plan: Plan, ckpt: Checkpoint, output: Output,
+               before_commit: BeforeCommit | None = None) -> ExecutionResult:
     """Write what PLAN says, tensor by tensor, to OUTPUT; publish it only when complete.
+
+    BEFORE_COMMIT, if given, gets the fsynced temporary files (in output order) and may raise
+    to stop the publication (verify-after-convert); nothing is left behind then.
 
     Raises:
         UsageError: something the output format cannot hold.
@@ -123,9 +130,9 @@ def apply_plan(plan: Plan, ckpt: Checkpoint, output: Output) -> ExecutionResult:
     """
     start = time.perf_counter()
     if output.format == "pt":
-        result = _write_pt(plan, ckpt, output)
+        result = _write_pt(plan, ckpt, output, before_commit)
     else:
-        result = _write_safetensors(plan, ckpt, output)
+        result = _write_safetensors(plan, ckpt, output, before_commit)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -157,7 +164,8 @@ def split_shards(sizes: list[int], max_size: int) -> list[list[int]]:
     return shards
 
 
-def _write_safetensors(plan: Plan, ckpt: Checkpoint, output: Output) -> ExecutionResult:
+def _write_safetensors(plan: Plan, ckpt: Checkpoint, output: Output,
+                       before_commit: BeforeCommit | None) -> ExecutionResult:
     bad = [a for a in plan.written if a.dtype not in DTYPES]
     if bad:
         raise UsageError(f"'{bad[0].source}' is {bad[0].dtype}, which safetensors cannot store; "
@@ -201,6 +209,8 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint, output: Output) -> Executio
                     METADATA_KEY: prov.to_json([e[0] for e in w.entries])}
             w.finish(meta)
             _check_written(w, path)
+        if before_commit is not None:
+            before_commit([w.tmp_path for w in writers])
         for w in writers:
             w.commit()
         if index_path is not None:
@@ -283,7 +293,8 @@ def _write_all(f: AtomicFile, data: bytes, path: Path) -> None:
 
 # --- .pt ------------------------------------------------------------------------------------
 
-def _write_pt(plan: Plan, ckpt: Checkpoint, output: Output) -> ExecutionResult:
+def _write_pt(plan: Plan, ckpt: Checkpoint, output: Output,
+              before_commit: BeforeCommit | None) -> ExecutionResult:
     import torch
 
     from .formats import torch_pt
@@ -310,7 +321,10 @@ def _write_pt(plan: Plan, ckpt: Checkpoint, output: Output) -> ExecutionResult:
         except OSError as e:
             raise output_error(output.path, e) from e
         sha = hasher.result()
-        f.commit()
+        f.fsync()
+        if before_commit is not None:
+            before_commit([f.tmp])
+        f.commit(sync=False)
     total = sum(_nbytes(a) for a in plan.written)
     return ExecutionResult([output.path], len(plan.written), total, sha, 0.0, warnings)
 

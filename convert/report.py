@@ -58,16 +58,58 @@ def render_inspect(report: Any) -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write a JSON report atomically."""
+    _write_text(Path(path), json.dumps(data, indent=2) + "\n")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def render_verify(report: Any) -> str:
+    """`verify`'s table: one row per check, then the verdict."""
+    rows = []
+    for r in report.results:
+        exact = "-" if r.bit_exact is None else ("yes" if r.bit_exact else "NO")
+        rows.append(["ok" if r.passed else "FAIL", r.kind, r.name, r.dtype,
+                     _shape(r.shape) if r.shape else "-", _num(r.max_abs_err), _num(r.rel_err),
+                     _num(r.atol_needed), exact, r.message])
+    proven = ("equivalence of the two models" if report.proven == "equivalence"
+              else "DST matches its plan layer by layer")
+    verdict = (f"equivalent: {proven} ({len(report.results)} checks, pairs from "
+               f"{report.pairing}, device {report.device})" if report.equivalent else
+               f"NOT equivalent: {len(report.failures)} of {len(report.results)} checks failed")
+    return table(["result", "kind", "name", "dtype", "shape", "max_abs", "rel_err",
+                  "atol_needed", "bit_exact", "note"], rows) + "\n" + verdict
+
+
+def write_junit(path: Path, report: Any) -> None:
+    """One test case per check, so CI systems show failures natively."""
+    import xml.etree.ElementTree as ET
+
+    suite = ET.Element("testsuite", name="linconvert verify", tests=str(len(report.results)),
+                       failures=str(len(report.failures)), errors="0")
+    for r in report.results:
+        case = ET.SubElement(suite, "testcase", classname=f"linconvert.{r.kind}", name=r.name)
+        if not r.passed:
+            failure = ET.SubElement(case, "failure", message=r.message or "different")
+            failure.text = json.dumps(r.to_dict(), indent=2)
+    root = ET.Element("testsuites")
+    root.append(suite)
+    data = ET.tostring(root, encoding="unicode", xml_declaration=True)
+    _write_text(Path(path), data + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+
     from .formats.atomic import AtomicFile, output_error
 
-    text = (json.dumps(data, indent=2) + "\n").encode()
-    with AtomicFile(Path(path), overwrite=True) as f:
+    data = text.encode()
+    with AtomicFile(path, overwrite=True) as f:
         try:
-            view = memoryview(text)
+            view = memoryview(data)
             while view:
-                import os
-
                 view = view[os.write(f.fd, view):]
         except OSError as e:
-            raise output_error(Path(path), e) from e
+            raise output_error(path, e) from e
         f.commit()
