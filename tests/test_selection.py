@@ -120,7 +120,7 @@ def test_make_selection_merges_preset_then_rules_then_options(tmp_path):
     assert [p.shipped for p in s.layers] == [True] * 3 + [False] * 3
     assert s.layers[0].origin.startswith("preset 'gpt2'")
     assert "rules file" in s.layers[3].origin and str(rules) in s.layers[3].origin
-    assert [p.text for p in s.exclude] == ["*.wpe.weight", "x"]
+    assert [p.text for p in s.exclude] == ["*wte.weight", "*wpe.weight", "*.wpe.weight", "x"]
     assert [p.text for p in s.drop] == ["*.attn.masked_bias"]
     assert [(r.pattern, r.replacement) for r in s.renames] == [
         (r"^transformer\.", ""), (r"^h\.", "layers."), ("^layers", "blocks")]
