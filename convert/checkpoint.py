@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,33 @@ class TorchCheckpoint(Checkpoint):
                 else:
                     self.non_tensors[k] = v
         self.tied = _tied_groups(self._tensors)
+        self._maps = _file_mappings(self.files)
+        self._fds: dict[Path, int] = {}
+        self._located: dict[str, tuple[int, int] | None] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def raw_range(self, key: str) -> tuple[int, int] | None:
+        """Where KEY's bytes lie in its file, when torch mapped the file (mmap=True) and the
+        tensor is C-contiguous: reading them there touches no mapped page."""
+        if key not in self._located:
+            self._located[key] = self._locate(self._tensors[key])
+        return self._located[key]
+
+    def _locate(self, t: Any) -> tuple[int, int] | None:
+        if not self._maps or not t.is_contiguous() or t.numel() == 0 or sys.byteorder != "little":
+            return None
+        addr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        for path, start, end, offset in self._maps:
+            if start <= addr and addr + t.numel() * t.element_size() <= end:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                return fd, addr - start + offset
+        return None
 
     @property
     def extras(self) -> list[str]:
@@ -211,7 +239,13 @@ class TorchCheckpoint(Checkpoint):
         import numpy as np
         import torch
 
+        loc = self.raw_range(key)
         t = self._tensors[key].detach()
+        if loc is not None:
+            n = t.numel() * t.element_size()
+            if len(scratch) >= n:
+                st.read_into(loc[0], loc[1], memoryview(scratch)[:n])
+                return np.frombuffer(scratch, dtype=np.uint8, count=n)
         if t.numel() == 0:
             return np.empty(0, dtype=np.uint8)
         if not t.is_contiguous():
@@ -226,6 +260,22 @@ class TorchCheckpoint(Checkpoint):
 
     def tensor(self, key: str) -> Any:
         return self._tensors[key]
+
+
+def _file_mappings(files: Sequence[Path]) -> list[tuple[Path, int, int, int]]:
+    """(file, start, end, file offset) of this process's mappings of FILES (Linux)."""
+    wanted = {os.path.realpath(f): Path(f) for f in files}
+    out = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") in wanted:
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((wanted[parts[5].rstrip("\n")], start, end, int(parts[2], 16)))
+    except OSError:
+        return []
+    return out
 
 
 def _tied_groups(tensors: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:

@@ -1,0 +1,144 @@
+"""The streaming executor: same content as the naive way, official reader, every source kind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+from safetensors.torch import load_file, save_file
+
+import convert
+from convert.checkpoint import open_checkpoint
+from convert.formats import safetensors as st_format
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {"wte.weight": torch.randn(11, 4, generator=g)}
+    for i, dtype in enumerate(DTYPES):
+        sd[f"h.{i}.fc.weight"] = torch.randn(4, 7, generator=g).to(dtype)
+        sd[f"h.{i}.fc.bias"] = torch.randn(7, generator=g).to(dtype)
+        sd[f"h.{i}.step"] = torch.tensor([i])
+    return sd
+
+
+def _naive(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.t().contiguous() if k.endswith("fc.weight") else v) for k, v in sd.items()}
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_streamed_safetensors_equal_the_naive_conversion(tmp_path):
+    sd = _checkpoint()
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    convert.to_linear(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    want = load_file(tmp_path / "a.safetensors")  # the official reader's order
+    _assert_same(load_file(tmp_path / "b.safetensors"), _naive(want))
+
+
+def test_pt_source_streams_from_file_ranges(tmp_path):
+    sd = _checkpoint()
+    sd["view"] = torch.randn(10, 10)[3:5]  # a contiguous view with a storage offset
+    torch.save(sd, tmp_path / "a.pt")
+    with open_checkpoint(tmp_path / "a.pt") as ckpt:
+        for k, t in sd.items():
+            loc = ckpt.raw_range(k)
+            assert loc is not None, k
+            raw = bytearray(t.numel() * t.element_size())
+            st_format.read_into(loc[0], loc[1], memoryview(raw))
+            assert bytes(raw) == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), k
+    convert.to_linear(tmp_path / "a.pt", tmp_path / "b.safetensors", exclude=["view"])
+    _assert_same(load_file(tmp_path / "b.safetensors"), _naive(sd))
+
+
+def test_legacy_pt_has_no_file_ranges_and_still_converts(tmp_path):
+    sd = _checkpoint()
+    torch.save(sd, tmp_path / "a.pt", _use_new_zipfile_serialization=False)
+    with open_checkpoint(tmp_path / "a.pt") as ckpt:
+        assert ckpt.raw_range("wte.weight") is None
+    convert.to_linear(tmp_path / "a.pt", tmp_path / "b.safetensors")
+    _assert_same(load_file(tmp_path / "b.safetensors"), _naive(sd))
+
+
+def test_copy_fallback_writes_the_same_bytes(tmp_path, monkeypatch):
+    sd = _checkpoint()
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    convert.to_linear(tmp_path / "a.safetensors", tmp_path / "fast.safetensors")
+    monkeypatch.setattr(st_format, "_copy_file_range_ok", False)
+    convert.to_linear(tmp_path / "a.safetensors", tmp_path / "slow.safetensors")
+    assert (tmp_path / "fast.safetensors").read_bytes() == \
+        (tmp_path / "slow.safetensors").read_bytes()
+
+
+def test_sharded_to_sharded_streams_shard_by_shard(tmp_path):
+    sd = _checkpoint()
+    save_file(_naive(sd), str(tmp_path / "lin.safetensors"))
+    convert.to_param(tmp_path / "lin.safetensors", tmp_path / "param", max_shard_size="150B",
+                     layers=["*.fc.weight"])
+    index = json.loads((tmp_path / "param" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    convert.to_linear(tmp_path / "param", tmp_path / "again", max_shard_size="150B")
+    back = open_checkpoint(tmp_path / "again")
+    assert back.sharded
+    got = {k: back.tensor(k) for k in back.specs}
+    back.close()
+    _assert_same(dict(sorted(got.items())), dict(sorted(_naive(sd).items())))
+
+
+@settings(deadline=None, max_examples=20)
+@given(
+    layers=hst.lists(hst.tuples(hst.integers(1, 6), hst.integers(1, 6),
+                                hst.sampled_from(DTYPES), hst.booleans()),
+                     min_size=1, max_size=5),
+    seed=hst.integers(0, 2**16),
+)
+def test_round_trip_property(tmp_path_factory, layers, seed):
+    """to-param(to-linear(x)) == x bit for bit, and every conversion verifies equivalent."""
+    folder = tmp_path_factory.mktemp("prop")
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, (n_in, n_out, dtype, square) in enumerate(layers):
+        n_out = n_in if square else n_out
+        sd[f"l{i}.weight"] = torch.randn(n_in, n_out, generator=g).to(dtype)
+        sd[f"l{i}.bias"] = torch.randn(n_out, generator=g).to(dtype)
+    save_file(sd, str(folder / "p.safetensors"))
+    selected = [f"l{i}.weight" for i, layer in enumerate(layers)
+                if layer[3] or layer[0] == layer[1]]
+    report = convert.to_linear(folder / "p.safetensors", folder / "l.safetensors",
+                               layers=selected)
+    assert report.verification.equivalent
+    assert len(report.plan.transposed) == len(layers)
+    back = convert.to_param(folder / "l.safetensors", folder / "b.safetensors")
+    assert back.verification.equivalent
+    _assert_same(load_file(folder / "b.safetensors"), load_file(folder / "p.safetensors"))
+
+
+def test_two_runs_write_identical_bytes(tmp_path):
+    sd = _checkpoint()
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    convert.to_linear(tmp_path / "a.safetensors", tmp_path / "1.safetensors")
+    convert.to_linear(tmp_path / "a.safetensors", tmp_path / "2.safetensors")
+    assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_source_is_never_modified(tmp_path, fmt):
+    sd = _checkpoint()
+    src = tmp_path / f"a.{fmt}"
+    if fmt == "pt":
+        torch.save(sd, src)
+    else:
+        save_file(sd, str(src))
+    before = src.read_bytes()
+    convert.to_linear(src, tmp_path / "b.safetensors")
+    convert.to_linear(src, tmp_path / "b.pt")
+    assert src.read_bytes() == before
