@@ -86,17 +86,15 @@ def _strip_layout(stem: str) -> str:
     return stem
 
 
-_FORMAT_OF_SUFFIX = {SAFETENSORS_SUFFIX: "safetensors", **{s: "pt" for s in PT_SUFFIXES}}
+_FORMAT_OF_SUFFIX = {SAFETENSORS_SUFFIX: "safetensors", ".onnx": "onnx",
+                     **{s: "pt" for s in PT_SUFFIXES}}
 
 
 def resolve_output(src: Path, dst: Path | str | None, target: Layout, *, fmt: str | None = None,
                    max_shard_size: str | int | None = None, overwrite: bool = False) -> Output:
     """Where a conversion writes, per DESIGN.md's rules for DST, and in which format."""
-    if fmt == "onnx" or (dst is not None and str(dst).lower().endswith(".onnx")):
-        raise UsageError("ONNX export is not available in this version of linconvert; write "
-                         ".safetensors or .pt.")
-    if fmt is not None and fmt not in ("safetensors", "pt"):
-        raise UsageError(f"--format '{fmt}' is not one of safetensors, pt.")
+    if fmt is not None and fmt not in ("safetensors", "pt", "onnx"):
+        raise UsageError(f"--format '{fmt}' is not one of safetensors, pt, onnx.")
     shard = parse_size(max_shard_size) if max_shard_size is not None else None
     kind = source_kind(src)
     if dst is None:
@@ -109,7 +107,7 @@ def resolve_output(src: Path, dst: Path | str | None, target: Layout, *, fmt: st
                           overwrite, shard or DEFAULT_MAX_SHARD_SIZE, folder=True)
         suffix = src.suffix.lower() if src.suffix.lower() in CHECKPOINT_SUFFIXES else ""
         if fmt:
-            suffix = SAFETENSORS_SUFFIX if fmt == "safetensors" else (
+            suffix = {"safetensors": SAFETENSORS_SUFFIX, "onnx": ".onnx"}.get(fmt) or (
                 suffix if suffix in PT_SUFFIXES else ".pt")
         suffix = suffix or SAFETENSORS_SUFFIX
         stem = _strip_layout(src.name[: -len(src.suffix)] if src.suffix else src.name)
@@ -128,7 +126,7 @@ def resolve_output(src: Path, dst: Path | str | None, target: Layout, *, fmt: st
         suffix = dst_path.suffix.lower()
         if suffix not in _FORMAT_OF_SUFFIX:
             raise UsageError(f"-o '{text}' has an unknown suffix '{dst_path.suffix}'; use "
-                             ".safetensors, .pt/.pth/.bin, or a folder.")
+                             ".safetensors, .pt/.pth/.bin, .onnx, or a folder.")
         if fmt and fmt != _FORMAT_OF_SUFFIX[suffix]:
             raise UsageError(f"--format {fmt} contradicts -o '{text}'; drop one of them.")
     out_fmt = _FORMAT_OF_SUFFIX[dst_path.suffix.lower()]
@@ -138,6 +136,9 @@ def resolve_output(src: Path, dst: Path | str | None, target: Layout, *, fmt: st
 
 
 def _existing_outputs(output: Output) -> list[Path]:
+    if output.format == "onnx":
+        data = output.path.parent / f"{output.path.name}.data"
+        return [p for p in (output.path, data) if p.exists()]
     if output.max_shard_size is None:
         return [output.path] if output.path.exists() else []
     if output.folder:
@@ -192,7 +193,9 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
             state_dict_key: str | None = None, allow_global: Sequence[str] = (),
             dry_run: bool = False, overwrite: bool = False, format: str | None = None,
             max_shard_size: str | int | None = None, verify: bool = True,
-            device: str = "cpu") -> ConversionReport:
+            device: str = "cpu", opset: int | None = None, external_data: bool = False,
+            input_shape: Sequence[Sequence[int]] = (),
+            input_dtype: str = "float32") -> ConversionReport:
     """Plan and (unless dry_run) write a conversion of SRC into TARGET's layout.
 
     With `verify` (the default) the written files, fsynced and read back from disk under their
@@ -226,6 +229,16 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
                 "(write .pt to keep them).")
         if dry_run:
             return report
+        if output.format == "onnx":
+            from .onnx_export import write_onnx
+
+            result = write_onnx(plan, ckpt, output, report, model=model,
+                                input_shape=input_shape, input_dtype=input_dtype, opset=opset,
+                                external_data=external_data, verify=verify)
+            return _finish_report(report, result)
+        if opset is not None or external_data or input_shape:
+            raise UsageError("--opset, --external-data and --input-shape apply to ONNX output "
+                             "only (-o FILE.onnx).")
 
         def check(paths: list[Path]) -> None:
             from .equivalence import pairs_from_plan, verify_checkpoints
@@ -240,6 +253,10 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
         result = apply_plan(plan, ckpt, output, check if verify else None)
         if output.folder and ckpt.folder is not None:
             _copy_side_files(ckpt.folder, output.path, ckpt, overwrite)
+    return _finish_report(report, result)
+
+
+def _finish_report(report: ConversionReport, result: Any) -> ConversionReport:
     report.files = [str(p) for p in result.files]
     report.keys_written = result.keys_written
     report.bytes_written = result.bytes_written
@@ -317,8 +334,14 @@ def verify(src: str | Path, dst: str | Path, *, layers: Sequence[str] = (),
     selection = make_selection(layers=tuple(layers), exclude=tuple(exclude), drop=tuple(drop),
                                rename=tuple(tuple(r) for r in rename), rules=rules,
                                preset=preset, model=model)
-    dst_key = state_dict_key if source_kind(Path(dst)) == "pt" else None
     src_key = state_dict_key if source_kind(Path(src)) == "pt" else None
+    if Path(dst).suffix.lower() == ".onnx":
+        from .equivalence import verify_onnx_layers
+
+        with open_checkpoint(src, state_dict_key=src_key, allow_globals=allow_global) as s:
+            return verify_onnx_layers(s, Path(dst), seed=seed, batch_size=batch_size,
+                                      atol=atol, rtol=rtol)
+    dst_key = state_dict_key if source_kind(Path(dst)) == "pt" else None
     with open_checkpoint(src, state_dict_key=src_key, allow_globals=allow_global) as s, \
             open_checkpoint(dst, state_dict_key=dst_key, allow_globals=allow_global) as d:
         if source_model and target_model:

@@ -91,6 +91,20 @@ def cli() -> None:
     """
 
 
+def _input_shape(ctx: click.Context, param: click.Parameter,
+                 value: tuple[str, ...]) -> list[tuple[int, ...]]:
+    shapes = []
+    for text in value:
+        try:
+            shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+        except ValueError:
+            shape = ()
+        if not shape or any(d < 0 for d in shape):
+            raise click.BadParameter(f"'{text}' is not a shape; write e.g. 4,784.")
+        shapes.append(shape)
+    return shapes
+
+
 def _conversion_command(name: str, layout_name: str, doc: str) -> None:
     @cli.command(name, help=doc)
     @click.argument("src", type=click.Path(exists=True, path_type=Path))
@@ -110,6 +124,17 @@ def _conversion_command(name: str, layout_name: str, doc: str) -> None:
     @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
     @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
                   help="Write the plan and outcome as JSON to this file.")
+    @click.option("--opset", type=click.IntRange(min=13),
+                  help="ONNX opset (default 18).")
+    @click.option("--external-data", is_flag=True,
+                  help="ONNX: put the weights in DST.data beside DST (automatic past 2 GB).")
+    @click.option("--input-shape", multiple=True, callback=_input_shape, metavar="4,784",
+                  help="ONNX with --model: export the whole model for inputs of this shape "
+                       "(repeatable).")
+    @click.option("--input-dtype", default="float32", show_default=True,
+                  type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64",
+                                     "int32"]),
+                  help="ONNX with --model: the inputs' dtype.")
     @verbosity
     def command(src: Path, dst: Path | None, fmt: str | None, max_shard_size: str | None,
                 dry_run: bool, verify: bool, device: str, overwrite: bool,
@@ -152,20 +177,6 @@ _conversion_command("to-linear", "linear",
                     "Rewrite SRC so its linear weights are nn.Linear's out x in.")
 _conversion_command("to-param", "param",
                     "Rewrite SRC so its linear weights are the param layout's in x out.")
-
-
-def _input_shape(ctx: click.Context, param: click.Parameter,
-                 value: tuple[str, ...]) -> list[tuple[int, ...]]:
-    shapes = []
-    for text in value:
-        try:
-            shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
-        except ValueError:
-            shape = ()
-        if not shape or any(d < 0 for d in shape):
-            raise click.BadParameter(f"'{text}' is not a shape; write e.g. 4,784.")
-        shapes.append(shape)
-    return shapes
 
 
 @cli.command("verify")

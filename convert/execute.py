@@ -415,3 +415,38 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
     return opt, [f"optimizer state '{name}' entries {', '.join(stale[:10])} hold moments shaped "
                  "like transposed weights but name no parameters (no param_names), so they were "
                  "kept as they are and no longer match; re-create the optimizer after loading."]
+
+
+# --- bytes for other writers (ONNX) ---------------------------------------------------------
+
+def written_bytes(plan: Plan, ckpt: Checkpoint, keys: set[str]) -> Any:
+    """Yield (action, bytes) for the written keys in KEYS, transposed where the plan says."""
+    from .dtypes import nbytes_of
+
+    largest = max((_nbytes(a) for a in plan.written if a.transpose and a.target in keys),
+                  default=0)
+    inbuf, outbuf = bytearray(largest), bytearray(largest)
+    for a in plan.written:
+        if a.target not in keys:
+            continue
+        if a.transpose:
+            data = ckpt.read_bytes(a.source, inbuf)
+            rows, cols = a.shape
+            out = bytes(transpose_bytes(data, rows, cols, DTYPES[a.dtype].itemsize, outbuf))
+        else:
+            out = bytes(memoryview(ckpt.read_bytes(a.source,
+                                                   bytearray(nbytes_of(a.dtype, a.shape)))))
+        ckpt.release(a.source)
+        yield a, out
+
+
+def converted_state_dict(plan: Plan, ckpt: Checkpoint) -> dict[str, Any]:
+    """The converted state dict as torch tensors (for a whole-model export)."""
+    return _convert_state_dict(plan, ckpt.tensor, ckpt)
+
+
+def hash_sources(ckpt: Checkpoint) -> _Hasher:
+    """Start hashing the source's files on a second thread; `.result()` joins it."""
+    hasher = _Hasher(ckpt.files)
+    hasher.start()
+    return hasher
