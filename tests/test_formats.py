@@ -202,3 +202,25 @@ def test_unknown_suffix_recognised_by_first_bytes(tmp_path):
     save_file({"l.weight": torch.randn(3, 5), "l.bias": torch.randn(5)}, str(src))
     report = convert.to_linear(src)
     assert report.destination == str(tmp_path / "weights.linear.safetensors")
+
+
+def test_named_sharded_output_and_its_index(tmp_path):
+    sd = _state_dict()
+    save_file(sd, str(tmp_path / "src.safetensors"))
+    convert.to_linear(tmp_path / "src.safetensors", tmp_path / "x.safetensors",
+                      max_shard_size="100B")
+    index = json.loads((tmp_path / "x.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files[0] == f"x-00001-of-{len(files):05d}.safetensors" and len(files) > 1
+    assert sorted(index["weight_map"]) == sorted(sd)  # every key once
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in sd.values())
+    assert not (tmp_path / "x.safetensors").exists()
+    report = convert.to_param(tmp_path / "x.safetensors.index.json",
+                              tmp_path / "back.safetensors")
+    assert report.verification.equivalent
+    back = load_file(tmp_path / "back.safetensors")
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    # an existing sharded output is refused without --overwrite
+    with pytest.raises(convert.OutputError):
+        convert.to_linear(tmp_path / "src.safetensors", tmp_path / "x.safetensors",
+                          max_shard_size="100B")

@@ -88,3 +88,16 @@ def test_to_param_brings_gpt2_back_bit_exact(gpt2_folder, tmp_path):
     b = load_file(tmp_path / "back.safetensors")
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "lin" / "config.json").exists()
+
+
+def test_sharded_output_loads_with_from_pretrained(gpt2_folder, tmp_path):
+    """Hugging Face's own loader reads our index and shards (config.json copied beside them)."""
+    model, folder = gpt2_folder
+    convert.to_linear(folder, tmp_path / "lin", preset="gpt2")
+    convert.to_param(tmp_path / "lin", tmp_path / "param", max_shard_size="2KB")
+    shards = sorted((tmp_path / "param").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "param").eval()
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
