@@ -22,7 +22,7 @@ from .layout import Layout  # noqa: E402
 __all__ = [
     "ConvertError", "CorruptInputError", "Layout", "NotEquivalentError", "OutputError",
     "ParamLinear", "UnsafeInputError", "UsageError", "__version__", "inspect_checkpoint",
-    "plan_conversion", "to_linear", "to_param", "verify",
+    "plan_conversion", "to_linear", "to_param", "verify", "batch",
 ]
 
 
@@ -35,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "batch":
+        from .batching import batch
+
+        return batch
     raise AttributeError(f"module 'convert' has no attribute '{name}'")

@@ -227,6 +227,76 @@ def verify_cmd(src: Path, dst: Path, report_path: Path | None, junit_path: Path 
                                  + (" and more" if len(report.failures) > 10 else "") + ".")
 
 
+@cli.command("batch")
+@click.argument("sources", nargs=-1)
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV (with a header) or JSON lines: source, destination, direction and "
+                   "per-row options.")
+@click.option("--direction", type=click.Choice(["to-linear", "to-param"]),
+              help="Direction for plain inputs (manifest rows may say their own).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write outputs here, mirroring the inputs' relative paths.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1),
+              help="Worker processes (default: the CPUs this process may use).")
+@click.option("--shard", metavar="I/N",
+              help="Take items k with k mod N == I (0-based, items sorted by source path).")
+@click.option("--force", is_flag=True, help="Redo items the journal or provenance says are done.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing outputs that no journal or provenance accounts for.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every item's outcome as JSON.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt", "onnx"]),
+              help="Output format for items whose destination does not say it.")
+@click.option("--max-shard-size", metavar="SIZE", help="Sharded safetensors outputs.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Verify each output before publishing it.")
+@selection_options
+@verbosity
+def batch_cmd(sources: tuple[str, ...], report_path: Path | None, fmt: str | None,
+              **options: Any) -> None:
+    """Convert many checkpoints: paths, globs, folders or a manifest, in parallel, resumable."""
+    from .batching import batch
+    from .errors import BatchError
+    from .report import render_batch_line, render_batch_summary, write_json
+
+    bar = _progress_bar()
+
+    def on_result(res: Any) -> None:
+        if bar is not None:
+            bar.clear()
+        click.echo(render_batch_line(res))
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        report = batch(sources, format=fmt, on_result=on_result,
+                       **{k: v for k, v in options.items() if v not in (None, ())})
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(render_batch_summary(report))
+    if report_path is not None:
+        write_json(report_path, report.to_dict())
+    if report.exit_code:
+        failed = [r for r in report.items if r.exit_code]
+        raise BatchError(f"{len(failed)} of {len(report.items)} items failed (worst exit code "
+                         f"{report.exit_code}): " + ", ".join(f"'{r.source}'" for r in
+                                                              failed[:5])
+                         + (" and more" if len(failed) > 5 else "") + ".", report.exit_code)
+
+
+def _progress_bar() -> Any:
+    """A progress bar on stderr, only on a terminal."""
+    if _state["quiet"] or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=None, unit="ckpt", file=sys.stderr, leave=False)
+
+
 @cli.command("inspect")
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

@@ -45,3 +45,11 @@ class OutputError(ConvertError):
 
 class Terminated(BaseException):  # noqa: N818 - mirrors KeyboardInterrupt
     """Raised from the SIGTERM handler so that cleanup runs as for Ctrl-C."""
+
+
+class BatchError(ConvertError):
+    """A batch in which some item failed; the exit code is the worst item's."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -113,3 +113,26 @@ def _write_text(path: Path, text: str) -> None:
         except OSError as e:
             raise output_error(path, e) from e
         f.commit()
+
+
+def render_batch_line(res: Any) -> str:
+    """One line per finished batch item."""
+    if res.status == "converted":
+        return (f"converted  {res.source} -> {res.destination} ({res.transposed} transposed"
+                f"{', verified' if res.verified else ''}, {res.seconds:.2f} s)")
+    if res.status == "skipped":
+        return f"skipped    {res.source} -> {res.destination} ({res.message})"
+    return f"failed[{res.exit_code}]  {res.source}: {res.message}"
+
+
+def render_batch_summary(report: Any) -> str:
+    """The table at the end of a batch."""
+    counts = report.to_dict()["counts"]
+    rows = [[r.status if not r.exit_code else f"failed[{r.exit_code}]", r.source,
+             f"{r.seconds:.2f}", r.message if r.exit_code else ""] for r in report.items]
+    head = (f"batch: {len(report.items)} items"
+            + (f" (shard {report.shard})" if report.shard else "")
+            + f", {counts.get('converted', 0)} converted, {counts.get('skipped', 0)} skipped, "
+            f"{counts.get('failed', 0)} failed, {report.jobs} jobs, {report.seconds:.1f} s; "
+            f"exit {report.exit_code}")
+    return head + "\n" + table(["status", "source", "seconds", "why"], rows)
