@@ -212,10 +212,11 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
     if not dry_run:
         _check_paths(src_path, output)
         if verify:
-            from .equivalence import resolve_device
-
             _import_torch_in_background()
-            resolve_device(device)
+            if device != "cpu":  # fail fast on a CUDA that is not there (cpu always is)
+                from .equivalence import resolve_device
+
+                resolve_device(device)
     with open_checkpoint(src_path, state_dict_key=state_dict_key,
                          allow_globals=allow_global) as ckpt:
         plan = plan_conversion(ckpt, target, layers=layers, exclude=exclude, drop=drop,

@@ -1,0 +1,82 @@
+"""Benchmark: `linconvert batch -j 2` against `-j 1` on 8 medium checkpoints, in one run.
+
+    python tests/benchmarks/bench_batch.py [--count 8] [--layers 6] [--repeat 2]
+
+Each checkpoint is GPT-2-like in the param layout (d=768, float32, ~325 MB at 6 layers; each
+file's values differ). Runs `linconvert batch DIR --direction to-linear --out-dir OUT -j N
+--preset gpt2` with verification (the default) and with `--no-verify`, into a fresh output
+folder each time, interleaved, and prints the medians and the speed-up of -j 2 over -j 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GENERATE = """
+import sys, torch
+from safetensors.torch import save_file
+folder, count, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+d, vocab = 768, 50257
+for n in range(count):
+    g = torch.Generator().manual_seed(n)
+    r = lambda *s: torch.rand(s, generator=g) * 0.02
+    sd = {"transformer.wte.weight": r(vocab, d), "transformer.wpe.weight": r(1024, d)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        sd |= {p + "ln_1.weight": torch.ones(d), p + "ln_1.bias": torch.zeros(d),
+               p + "attn.c_attn.weight": r(d, 3 * d), p + "attn.c_attn.bias": r(3 * d),
+               p + "attn.c_proj.weight": r(d, d), p + "attn.c_proj.bias": r(d),
+               p + "ln_2.weight": torch.ones(d), p + "ln_2.bias": torch.zeros(d),
+               p + "mlp.c_fc.weight": r(d, 4 * d), p + "mlp.c_fc.bias": r(4 * d),
+               p + "mlp.c_proj.weight": r(4 * d, d), p + "mlp.c_proj.bias": r(d)}
+    save_file(sd, f"{folder}/ckpt{n}.safetensors")
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="linconvert-batch-bench-"))
+    try:
+        src = work / "in"
+        src.mkdir()
+        subprocess.run([sys.executable, "-c", GENERATE, str(src), str(args.count),
+                        str(args.layers)], check=True)
+        size = sum(p.stat().st_size for p in src.iterdir()) / 1e6
+        exe = [sys.executable, "-m", "convert"]
+        results: dict[tuple[str, int], list[float]] = {}
+        for _ in range(args.repeat):
+            for verify in ("--verify", "--no-verify"):
+                for jobs in (1, 2):
+                    out = work / "out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    start = time.perf_counter()
+                    subprocess.run([*exe, "batch", str(src), "--direction", "to-linear",
+                                    "--out-dir", str(out), "-j", str(jobs), "--preset", "gpt2",
+                                    verify, "-q"], check=True, stdout=subprocess.DEVNULL)
+                    results.setdefault((verify, jobs), []).append(time.perf_counter() - start)
+        print(f"\n{args.count} checkpoints, {size:.0f} MB in all, {args.repeat} rounds "
+              f"(median wall seconds)\n")
+        print("| mode | -j 1 | -j 2 | speed-up |")
+        print("|---|---|---|---|")
+        for verify in ("--verify", "--no-verify"):
+            j1 = statistics.median(results[(verify, 1)])
+            j2 = statistics.median(results[(verify, 2)])
+            print(f"| {verify} | {j1:.2f} | {j2:.2f} | {j1 / j2:.2f}x |")
+        print("\ntarget: -j 2 at least 1.6x faster than -j 1 (with verification, the default)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
