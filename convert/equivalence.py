@@ -521,6 +521,37 @@ def make_inputs(model: Any, shapes: Sequence[tuple[int, ...]], dtype: str,
             for s in shapes]
 
 
+def compare_output_lists(actual: Sequence[Any], expected: Sequence[Any], kind: str,
+                         actual_name: str, expected_name: str, atol: float | None,
+                         rtol: float | None) -> list[CheckResult]:
+    """Two models' flattened outputs, tensor by tensor (count, shape, dtype, then values)."""
+    import torch
+
+    from .dtypes import dtype_from_torch
+
+    if len(actual) != len(expected):
+        return [CheckResult("outputs", "", kind, False, message=(
+            f"{expected_name} returns {len(expected)} tensors, {actual_name} {len(actual)}"))]
+    results = []
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        dtype = dtype_from_torch(e.dtype)
+        res = CheckResult(f"output[{i}]", f"output[{i}]", kind, True, dtype, tuple(a.shape))
+        if a.shape != e.shape or a.dtype != e.dtype:
+            res.passed = False
+            res.message = (f"{expected_name} gives {dtype} {tuple(e.shape)}, {actual_name} "
+                           f"{dtype_from_torch(a.dtype)} {tuple(a.shape)}")
+        elif not e.is_floating_point():
+            res.bit_exact = bool(torch.equal(a, e))
+            res.passed = res.bit_exact
+            res.message = "" if res.passed else "integer outputs differ"
+        else:
+            r_tol, a_tol = tolerance_for(dtype, atol, rtol)
+            res.passed, res.max_abs_err, res.rel_err, res.atol_needed, res.message = \
+                compare_outputs(a, e, 1, r_tol, a_tol)
+        results.append(res)
+    return results
+
+
 def verify_models(src: Checkpoint, dst: Checkpoint, *, source_model: str, target_model: str,
                   input_shapes: Sequence[tuple[int, ...]], input_dtype: str = "float32",
                   input_high: int | None = None, device: str = "cpu", seed: int = 0,
@@ -528,7 +559,6 @@ def verify_models(src: Checkpoint, dst: Checkpoint, *, source_model: str, target
     """Load SRC and DST into the user's two models and compare every output tensor."""
     import torch
 
-    from .dtypes import dtype_from_torch
     from .factory import build_model
 
     if not input_shapes:
@@ -548,27 +578,8 @@ def verify_models(src: Checkpoint, dst: Checkpoint, *, source_model: str, target
     with torch.no_grad(), ieee_float32():
         outs_s = flatten_outputs(sm(*inputs))
         outs_t = flatten_outputs(tm(*inputs))
-    if len(outs_s) != len(outs_t):
-        report.results.append(CheckResult("outputs", "", "output", False, message=(
-            f"the source model returns {len(outs_s)} tensors, the target model {len(outs_t)}")))
-        return report
-    for i, (s, t) in enumerate(zip(outs_s, outs_t)):
-        dtype = dtype_from_torch(s.dtype)
-        res = CheckResult(f"output[{i}]", f"output[{i}]", "output", True, dtype,
-                          tuple(t.shape))
-        if s.shape != t.shape or s.dtype != t.dtype:
-            res.passed = False
-            res.message = (f"source gives {dtype} {tuple(s.shape)}, target "
-                           f"{dtype_from_torch(t.dtype)} {tuple(t.shape)}")
-        elif not s.is_floating_point():
-            res.bit_exact = bool(torch.equal(s, t))
-            res.passed = res.bit_exact
-            res.message = "" if res.passed else "integer outputs differ"
-        else:
-            r_tol, a_tol = tolerance_for(dtype, atol, rtol)
-            res.passed, res.max_abs_err, res.rel_err, res.atol_needed, res.message = \
-                compare_outputs(t, s, 1, r_tol, a_tol)
-        report.results.append(res)
+    report.results += compare_output_lists(outs_t, outs_s, "output", "the target model",
+                                           "the source model", atol, rtol)
     return report
 
 
@@ -695,7 +706,6 @@ def verify_onnx_model(model_path: Any, torch_model: Any, inputs: Sequence[Any], 
     import numpy as np
     import torch
 
-    from .dtypes import dtype_from_torch
 
     report = VerifyReport("torch model", display or str(model_path), "cpu (onnxruntime)",
                           "equivalence", "whole model")
@@ -708,16 +718,7 @@ def verify_onnx_model(model_path: Any, torch_model: Any, inputs: Sequence[Any], 
         expected = flatten_outputs(torch_model(*inputs))
     feeds = {i.name: t.cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
     actual = session.run(None, feeds)
-    if len(actual) != len(expected):
-        report.results.append(CheckResult("outputs", "", "onnx-output", False, message=(
-            f"onnxruntime returns {len(actual)} tensors, torch {len(expected)}")))
-        return report
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        dtype = dtype_from_torch(e.dtype)
-        res = CheckResult(f"output[{i}]", f"output[{i}]", "onnx-output", True, dtype,
-                          tuple(e.shape))
-        r_tol, a_tol = tolerance_for(dtype, atol, rtol)
-        res.passed, res.max_abs_err, res.rel_err, res.atol_needed, res.message = \
-            compare_outputs(torch.from_numpy(np.asarray(a)), e, 1, r_tol, a_tol)
-        report.results.append(res)
+    report.results += compare_output_lists([torch.from_numpy(np.asarray(a)) for a in actual],
+                                           expected, "onnx-output", "onnxruntime", "torch",
+                                           atol, rtol)
     return report
