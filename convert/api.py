@@ -110,7 +110,9 @@ def resolve_output(src: Path, dst: Path | str | None, target: Layout, *, fmt: st
             suffix = {"safetensors": SAFETENSORS_SUFFIX, "onnx": ".onnx"}.get(fmt) or (
                 suffix if suffix in PT_SUFFIXES else ".pt")
         suffix = suffix or SAFETENSORS_SUFFIX
-        stem = _strip_layout(src.name[: -len(src.suffix)] if src.suffix else src.name)
+        stem = src.name[: -len(src.suffix)] if src.suffix else src.name
+        stem = _strip_layout(stem.removesuffix(".weights") if src.suffix.lower() == ".h5"
+                             else stem)
         dst_path = src.parent / f"{stem}.{target}{suffix}"
     else:
         text = os.fspath(dst)
@@ -222,7 +224,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
         plan = plan_conversion(ckpt, target, layers=layers, exclude=exclude, drop=drop,
                                rename=rename, rules=rules, preset=preset, model=model)
         report = ConversionReport(str(src_path), str(output.path), target, plan, dry_run,
-                                  warnings=list(plan.warnings))
+                                  warnings=[*getattr(ckpt, "notes", []), *plan.warnings])
         if output.format == "safetensors" and getattr(ckpt, "extras", None):
             report.warnings.append(
                 f"'{src_path}' is a training checkpoint; its entries "

@@ -329,12 +329,16 @@ def _sniff(path: Path) -> str:
 
 
 def source_kind(path: Path) -> str:
-    """"safetensors", "pt", "index" or "folder" for PATH; exit 4 for anything else."""
+    """"safetensors", "pt", "index", "folder", "flax" or "keras" for PATH; exit 4 otherwise."""
     if path.is_dir():
         return "folder"
     if path.name.endswith(".index.json"):
         return "index"
     suffix = path.suffix.lower()
+    if suffix == ".msgpack":
+        return "flax"
+    if suffix in (".h5", ".keras"):
+        return "keras"
     if suffix == SAFETENSORS_SUFFIX:
         return "safetensors"
     if suffix in PT_SUFFIXES:
@@ -388,7 +392,9 @@ def open_checkpoint(path: Path | str, *, state_dict_key: str | None = None,
         folder = path
         target = find_in_folder(path)
         kind = source_kind(target)
-    if kind == "index":
+    if kind in ("flax", "keras"):
+        ckpt = _open_framework(target, kind)
+    elif kind == "index":
         ckpt = _open_index(target, state_dict_key, allow_globals)
     elif kind == "safetensors":
         if state_dict_key:
@@ -428,6 +434,66 @@ def _open_index(index_path: Path, state_dict_key: str | None,
     ckpt.sharded = True
     ckpt.index_metadata = index.metadata
     return ckpt
+
+
+class ArrayCheckpoint(Checkpoint):
+    """Flax msgpack or Keras weights: arrays fetched on demand by the format's reader."""
+
+    def __init__(self, path: Path, fmt: str, specs: dict[str, TensorSpec],
+                 fetch: Any, closer: Any = None, extras: Sequence[str] = (),
+                 notes: Sequence[str] = ()):
+        super().__init__(path)
+        self.format = fmt
+        self.specs = specs
+        self.files = (path,)
+        self._fetch, self._closer = fetch, closer
+        self.extras = list(extras)
+        self.notes = list(notes)
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+    def read_bytes(self, key: str, scratch: bytearray) -> Any:
+        import numpy as np
+
+        data = self._fetch(key)
+        if isinstance(data, np.ndarray):
+            return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def tensor(self, key: str) -> Any:
+        import torch
+
+        from .dtypes import torch_dtype
+
+        spec = self.specs[key]
+        raw = bytearray(self.read_bytes(key, bytearray()).tobytes())
+        if not raw:
+            return torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
+        return torch.frombuffer(raw, dtype=torch.uint8).view(
+            torch_dtype(spec.dtype)).reshape(spec.shape)
+
+
+def _open_framework(path: Path, kind: str) -> Checkpoint:
+    if kind == "flax":
+        from .formats.flax_msgpack import read_flax
+
+        arrays, extras = read_flax(path)
+        specs = {k: TensorSpec(a.shape, a.dtype) for k, a in arrays.items()}
+        return ArrayCheckpoint(path, "flax msgpack", specs, lambda k: arrays[k].data,
+                               extras=extras)
+    from .formats.keras_h5 import KerasWeights
+
+    weights = KerasWeights(path)
+    try:
+        specs = {k: TensorSpec(*weights.spec(k)) for k in weights.datasets}
+    except CorruptInputError:
+        weights.close()
+        raise
+    return ArrayCheckpoint(path, "keras", specs, weights.read, weights.close,
+                           notes=weights.notes)
 
 
 def open_written(paths: Sequence[Path], fmt: str, display: Path, *,

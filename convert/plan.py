@@ -286,12 +286,22 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
 
 
 def _unused_patterns(patterns: Sequence[Pattern], used: set[Pattern], source: str) -> list[str]:
-    """Warnings for shipped patterns that matched nothing; UsageError for the user's."""
+    """One warning for a preset's rules that matched nothing; UsageError for the user's."""
     unused = [p for p in patterns if p not in used]
     mine = [p for p in unused if not p.shipped]
     if mine:
         raise UsageError("; ".join(f"{p} matches no key of '{source}'" for p in mine) + ".")
-    return [f"{p} matches no key of '{source}'; skipped." for p in unused]
+    return _skipped_rules([str(p) for p in unused], source)
+
+
+def _skipped_rules(rules: list[str], source: str) -> list[str]:
+    """A preset's rules that match nothing here (a preset covers more than one model)."""
+    if not rules:
+        return []
+    if len(rules) == 1:
+        return [f"{rules[0]} matches no key of '{source}'; skipped."]
+    return [f"{len(rules)} preset rules match no key of '{source}' and were skipped: "
+            + ", ".join(rules) + "."]
 
 
 def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, selection: Selection,
@@ -343,12 +353,14 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, b
             errors.append(f"'{targets[t]}' and '{k}' would both be renamed to '{t}'")
         targets[t] = k
         actions.append(KeyAction(k, t, shape, dtype, bool(decision), reasons[k]))
+    skipped = []
     for i, r in enumerate(selection.renames):
         if i not in used:
             if r.shipped:
-                warnings.append(f"{r} matches no key of '{source}'; skipped.")
+                skipped.append(str(r))
             else:
                 errors.append(f"{r} matches no key of '{source}'")
+    warnings += _skipped_rules(skipped, source)
     by_source = {a.source: a for a in actions}
     for group in tied:
         live = [by_source[k] for k in group if k in by_source and not by_source[k].dropped]
