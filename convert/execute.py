@@ -214,7 +214,10 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint, output: Output,
         for w in writers:
             w.commit()
         if index_path is not None:
+            stale = _shards_named_by(index_path) - {p.name for p in paths}
             _write_index(index_path, written, groups, paths, output.overwrite)
+            for name in stale:  # an overwritten set that had more shards: drop the leftovers
+                (index_path.parent / name).unlink(missing_ok=True)
     finally:
         for w in writers:
             w.__exit__(None, None, None)
@@ -268,6 +271,18 @@ def _check_written(w: st.SafetensorsWriter, path: Path) -> None:
     if want != have:
         raise RuntimeError(f"the header written to {path} does not match its plan "
                            f"({len(have)} keys written, {len(want)} planned)")
+
+
+def _shards_named_by(index_path: Path) -> set[str]:
+    """Shard file names an existing index names (plain names inside its folder only)."""
+    import json
+
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in weight_map.values() if isinstance(n, str) and "/" not in n
+            and n.endswith(".safetensors") and not n.startswith(".")}
 
 
 def _write_index(index_path: Path, written: list[Any], groups: list[list[int]],

@@ -224,3 +224,16 @@ def test_named_sharded_output_and_its_index(tmp_path):
     with pytest.raises(convert.OutputError):
         convert.to_linear(tmp_path / "src.safetensors", tmp_path / "x.safetensors",
                           max_shard_size="100B")
+
+
+def test_overwriting_a_sharded_output_removes_its_leftover_shards(tmp_path):
+    sd = _state_dict()
+    save_file(sd, str(tmp_path / "src.safetensors"))
+    convert.to_linear(tmp_path / "src.safetensors", tmp_path / "out", max_shard_size="50B")
+    before = sorted(p.name for p in (tmp_path / "out").glob("model-*"))
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    convert.to_linear(tmp_path / "src.safetensors", tmp_path / "out", max_shard_size="1MB",
+                      overwrite=True)
+    after = sorted(p.name for p in (tmp_path / "out").glob("model-*"))
+    assert len(before) > 1 and after == ["model-00001-of-00001.safetensors"]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # other files left alone
