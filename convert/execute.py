@@ -395,6 +395,20 @@ def _convert_extras(plan: Plan, ckpt: TorchCheckpoint, root: Any) -> tuple[Any, 
     return out, warnings
 
 
+def _indices_from_model(plan: Plan, groups: list[Any]) -> dict[Any, str]:
+    """index -> source key, when the reference model's parameters, in order, match the state
+    dict's keys one to one (then the optimizer's indices are certain)."""
+    if not plan.model_parameters:
+        return {}
+    source_of = {a.target: a.source for a in plan.written}
+    params = set(plan.model_parameters)
+    in_order = [a.target for a in plan.written if a.target in params]
+    indices = [i for g in groups if isinstance(g, Mapping) for i in g.get("params", [])]
+    if in_order != list(plan.model_parameters) or sorted(indices) != list(range(len(in_order))):
+        return {}
+    return {i: source_of[in_order[i]] for i in indices}
+
+
 def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[Any, list[str]]:
     by_source = {a.source: a for a in plan.actions}
     transposed = {a.source: a for a in plan.transposed}
@@ -405,6 +419,8 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
     for g in groups:
         if isinstance(g, Mapping) and "param_names" in g and "params" in g:
             names.update(zip(g["params"], g["param_names"]))
+    if not names:
+        names = _indices_from_model(plan, groups)
     state = opt["state"]
     if names and set(names.values()) <= set(by_source):
         new_state = {}
@@ -428,8 +444,9 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
     if not stale:
         return opt, []
     return opt, [f"optimizer state '{name}' entries {', '.join(stale[:10])} hold moments shaped "
-                 "like transposed weights but name no parameters (no param_names), so they were "
-                 "kept as they are and no longer match; re-create the optimizer after loading."]
+                 "like transposed weights but name no parameters (no param_names, and no --model "
+                 "whose parameters match the keys in order), so they were kept as they are and "
+                 "no longer match; re-create the optimizer after loading."]
 
 
 # --- bytes for other writers (ONNX) ---------------------------------------------------------

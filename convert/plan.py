@@ -57,6 +57,7 @@ class Plan:
     warnings: tuple[str, ...] = ()
     from_provenance: bool = False
     selection: dict[str, Any] = field(default_factory=dict)
+    model_parameters: tuple[str, ...] = ()  # the reference model's parameters, in order
 
     @property
     def written(self) -> tuple[KeyAction, ...]:
@@ -154,7 +155,7 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
         raise UsageError(_nothing_to_transpose(flat, target, reasons, source))
     return Plan(source, target, tuple(actions), selection.options_hash(target),
                 tuple(tuple(g) for g in tied if len(g) > 1), tuple(warnings), from_provenance,
-                selection.to_dict())
+                selection.to_dict(), reference.parameters if reference else ())
 
 
 def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: Provenance,

@@ -263,6 +263,7 @@ class ReferenceModel:
     spec: str
     entries: dict[str, RefEntry]
     ties: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    parameters: tuple[str, ...] = ()  # named_parameters() order: what an optimizer indexes
 
 
 def _owner_layout(module: Any, leaf: str) -> Layout | None:
@@ -309,4 +310,5 @@ def build_reference(spec: str) -> ReferenceModel:
         for k in keys:
             if len(keys) > 1:
                 ties[k] = tuple(x for x in keys if x != k)
-    return ReferenceModel(spec, entries, ties)
+    parameters = tuple(name for name, _ in model.named_parameters())
+    return ReferenceModel(spec, entries, ties, parameters)

@@ -211,3 +211,21 @@ def test_non_contiguous_zero_size_and_scalar_tensors(tmp_path):
     convert.to_param(tmp_path / "o.safetensors", tmp_path / "b.pt")
     back = torch.load(tmp_path / "b.pt", weights_only=True)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_optimizer_moments_follow_weights_with_a_matching_model(fixture_dir):
+    """training.pt's Adam has no param_names; a --model whose parameters match the keys in
+    order makes the index -> key mapping certain."""
+    from tests.conftest import FIXTURES
+
+    report = convert.to_linear(fixture_dir / "training.pt", fixture_dir / "t.pt",
+                               model=f"{FIXTURES / 'models.py'}:build_linear_mlp")
+    assert not any("optimizer" in w for w in report.warnings)
+    src = torch.load(fixture_dir / "training.pt", weights_only=True)
+    out = torch.load(fixture_dir / "t.pt", weights_only=True)
+    # indices follow ParamMLP.parameters(): fc1.weight, fc1.bias, fc2.weight, fc2.bias
+    assert torch.equal(out["optimizer"]["state"][0]["exp_avg"],
+                       src["optimizer"]["state"][0]["exp_avg"].t())
+    assert torch.equal(out["optimizer"]["state"][1]["exp_avg"],
+                       src["optimizer"]["state"][1]["exp_avg"])
+    assert out["optimizer"]["state"][2]["exp_avg_sq"].shape == out["model"]["fc2.weight"].shape
