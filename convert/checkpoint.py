@@ -315,7 +315,7 @@ def _dontneed(addr: int, length: int) -> None:
 
 def _sniff(path: Path) -> str:
     try:
-        with open(path, "rb") as f:
+        with st.open_regular(path) as f:
             head = f.read(16)
     except IsADirectoryError:
         return "folder"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -30,9 +31,14 @@ def fsync_dir(folder: Path) -> None:
 
 def output_error(path: Path, e: OSError) -> OutputError:
     """One sentence for an OSError met while writing PATH."""
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         why = "the disk is full; free space or write elsewhere with -o"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif e.errno == errno.EFBIG:
+        why = ("the file would exceed the largest file this process may write (ulimit -f); "
+               "raise the limit or write elsewhere with -o")
+    elif e.errno == errno.EROFS:
+        why = "the file system is read-only; choose a writable folder with -o"
+    elif e.errno in (errno.EACCES, errno.EPERM):
         why = "permission denied; choose a writable folder with -o"
     else:
         why = f"{e.strerror or e}; choose another path with -o"
@@ -52,14 +58,23 @@ class AtomicFile:
         self.tmp = partial_path(dst)
         self.overwrite = overwrite
         self.fd = -1
+        self._created = False
         self._committed = False
 
     def __enter__(self) -> AtomicFile:
         try:
             self.tmp.unlink(missing_ok=True)
+            # Ours to remove from here on: Python handles a signal as soon as os.open returns,
+            # before its result is stored, and a `with` whose __enter__ raises never calls
+            # __exit__; so an interrupted __enter__ cleans up itself.
+            self._created = True
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as e:
+            self.__exit__()
             raise output_error(self.dst, e) from e
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def fsync(self) -> None:
@@ -73,8 +88,11 @@ class AtomicFile:
         """fsync, then publish the file as DST and fsync the folder."""
         if sync:
             self.fsync()
-        os.close(self.fd)
-        self.fd = -1
+        fd, self.fd = self.fd, -1
+        try:
+            os.close(fd)
+        except OSError as e:  # NFS and quotas may report a failed write only here
+            raise output_error(self.dst, e) from e
         try:
             if self.overwrite:
                 os.replace(self.tmp, self.dst)
@@ -92,7 +110,10 @@ class AtomicFile:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
             self.fd = -1
-        if not self._committed:
-            self.tmp.unlink(missing_ok=True)
+        if self._created and not self._committed:
+            # Best effort: an error here must not hide the one that brought us here.
+            with contextlib.suppress(OSError):
+                self.tmp.unlink(missing_ok=True)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ..dtypes import DTYPES, nbytes_of
 from ..errors import CorruptInputError, OutputError
 from .atomic import AtomicFile, output_error
 
 MAX_HEADER_BYTES = 100_000_000  # the official reader's cap
+MAX_EXTENT = 2**63 - 1  # torch's and the official reader's element counts are 64-bit
 METADATA_KEY = "__metadata__"
 
 
@@ -56,13 +59,38 @@ def looks_like_safetensors(head: bytes) -> bool:
     return 2 <= n <= MAX_HEADER_BYTES and head[8:9] == b"{"
 
 
-def _unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (json.loads would silently keep the last)."""
+
+
+def unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """object_pairs_hook for json.loads that refuses a key given twice."""
     out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key '{k}'")
+            raise DuplicateKeyError(k)
         out[k] = v
     return out
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """TEXT cut to LIMIT characters, so a hostile header cannot flood the message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open PATH for reading only if it is a regular file (a FIFO or device would block or
+    never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptInputError(f"'{path}' is not a regular file, so it is not a "
+                                    "checkpoint; name the file itself.")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _bad(path: Path, why: str) -> CorruptInputError:
@@ -77,7 +105,7 @@ def read_header(path: Path) -> SafetensorsHeader:
             offsets, or offsets that do not tile the data exactly.
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -93,9 +121,13 @@ def read_header(path: Path) -> SafetensorsHeader:
     except OSError as e:
         raise CorruptInputError(f"cannot read '{path}': {e.strerror or e}.") from e
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_object)
+    except DuplicateKeyError as e:
+        raise _bad(path, f"its header has a duplicate key '{shorten(e.args[0])}'") from e
+    except RecursionError as e:
+        raise _bad(path, "its header is JSON nested too deeply to be a header") from e
     except (UnicodeDecodeError, ValueError) as e:
-        raise _bad(path, f"its header is not valid JSON ({e})") from e
+        raise _bad(path, f"its header is not valid JSON ({shorten(str(e))})") from e
     if not isinstance(obj, dict):
         raise _bad(path, "its header is not a JSON object")
 
@@ -128,26 +160,40 @@ def read_header(path: Path) -> SafetensorsHeader:
 
 
 def _record(path: Path, name: str, entry: object, data_start: int) -> TensorRecord:
+    key = shorten(name)
     if not isinstance(entry, dict):
-        raise _bad(path, f"the entry for tensor '{name}' is not an object")
+        raise _bad(path, f"the entry for tensor '{key}' is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise _bad(path, f"tensor '{name}' has unknown dtype {dtype!r}")
+        raise _bad(path, f"tensor '{key}' has unknown dtype {shorten(repr(dtype))}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise _bad(path, f"tensor '{name}' has an invalid shape {shape!r}")
+        raise _bad(path, f"tensor '{key}' has an invalid shape {shorten(repr(shape))}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise _bad(path, f"tensor '{name}' has invalid data_offsets {offsets!r}")
+        raise _bad(path, f"tensor '{key}' has invalid data_offsets {shorten(repr(offsets))}")
+    extent = 1
+    for d in shape:  # stop early: a hostile shape's product could take minutes to compute
+        extent *= max(d, 1)
+        if extent > MAX_EXTENT:
+            break
+    span = offsets[1] - offsets[0]
+    shown = shorten(repr(shape))
+    if extent > MAX_EXTENT:
+        if 0 in shape:  # a zero dimension hides the others from the size check
+            raise _bad(path, f"tensor '{key}' has shape {shown}, whose dimensions overflow a "
+                             "64-bit element count")
+        raise _bad(path, f"tensor '{key}' is {dtype} {shown} (more than 2**63 elements) but "
+                         f"its data_offsets span {span} bytes")
     want = nbytes_of(dtype, tuple(shape))
-    if offsets[1] - offsets[0] != want:
-        raise _bad(path, f"tensor '{name}' is {dtype} {shape} ({want} bytes) but its "
-                         f"data_offsets span {offsets[1] - offsets[0]} bytes")
+    if span != want:
+        raise _bad(path, f"tensor '{key}' is {dtype} {shown} ({want} bytes) but its "
+                         f"data_offsets span {span} bytes")
     return TensorRecord(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 

@@ -1,21 +1,32 @@
 """torch.save files (`.pt`, `.pth`, `.bin`): loaded with `weights_only=True` only, never less.
 
 `mmap=True` where the file is a zip archive (torch's format since 1.6), so tensor data stays on
-disk until it is touched. Globals outside the allow-list are refused (exit 3) and named, with
-the `--allow-global` escape; there is no fallback to `weights_only=False`.
+disk until it is touched. Before torch sees a zip archive, its members are checked: stored, not
+compressed (no zip bomb), each once, inside the file, and no TorchScript code. Globals outside
+the allow-list are refused (exit 3) and named, with the `--allow-global` escape; there is no
+fallback to `weights_only=False`. torch's own messages are translated into one sentence.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
+import os
 import pickle
+import re
+import struct
+import tarfile
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import CorruptInputError, UnsafeInputError, UsageError
+from .atomic import output_error
+from .safetensors import looks_like_safetensors, open_regular, shorten
 
 ZIP_MAGIC = b"PK\x03\x04"
+MIN_TORCH = "2.10"  # GHSA-63cw-57p8-fm3p: memory corruption in older weights_only unpicklers
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
 
@@ -43,44 +54,296 @@ def resolve_globals(names: Sequence[str]) -> list[object]:
 
 
 def load(path: Path, allow_globals: Sequence[str] = ()) -> object:
-    """torch.load PATH with weights_only=True (and mmap=True for zip files).
+    """torch.load PATH with weights_only=True (and mmap=True for zip files); never less.
+
+    A zip archive is checked member by member first (`check_archive`); torch's own messages,
+    which advise `weights_only=False` and carry terminal colour codes, are translated into one
+    sentence.
 
     Raises:
-        UnsafeInputError: the pickle needs a global outside the allow-list.
+        UnsafeInputError: the pickle needs a global outside the allow-list; a TorchScript
+            archive; a compressed zip member.
         CorruptInputError: the file is not a readable torch checkpoint.
     """
     import torch
 
+    if torch.__version__ < MIN_TORCH:
+        raise UnsafeInputError(f"refusing to unpickle '{path}' with torch {torch.__version__}: "
+                               f"its weights_only loader has known memory-corruption bugs "
+                               f"before {MIN_TORCH}; upgrade torch (pip install 'torch>="
+                               f"{MIN_TORCH}').")
     allowed = resolve_globals(allow_globals)
     try:
-        with open(path, "rb") as f:
-            is_zip = f.read(4) == ZIP_MAGIC
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(512)
     except OSError as e:
         raise CorruptInputError(f"cannot read '{path}': {e.strerror or e}.") from e
+    if size == 0:
+        raise CorruptInputError(f"'{path}' is empty (0 bytes), not a torch checkpoint; "
+                                "re-download or re-save it.")
+    is_zip = head.startswith(ZIP_MAGIC)
+    if is_zip:
+        check_archive(path, size)
+    elif _is_tar(path):
+        raise CorruptInputError(f"'{path}' is in the legacy .tar format of torch before 0.4, "
+                                "which cannot be loaded without running its pickles; re-save it "
+                                "with a current torch.save in a trusted environment.")
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        unsafe = _unsafe_globals(path) if is_zip else []
-        if unsafe or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            names = ", ".join(f"'{g}'" for g in unsafe) or _global_from_message(str(e))
-            raise UnsafeInputError(
-                f"'{path}' needs pickle globals outside the allow-list ({names}); if you trust "
-                "this file and these classes, pass --allow-global for each."
-            ) from e
-        raise CorruptInputError(f"'{path}' is not a readable torch checkpoint ({e}).") from e
+        refused = _refused_globals(path, str(e), is_zip, allowed, allow_globals)
+        if refused is not None:
+            raise refused from e
+        raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: "
+                                f"{_what_went_wrong(head, is_zip, e)}.") from e
     # The weights_only unpickler raises many types on malformed input (DESIGN.md's stated
     # exception to "no bare Exception"): each means the file is unreadable, exit 4.
     except (RuntimeError, EOFError, IndexError, KeyError, ValueError, TypeError, OverflowError,
-            AttributeError, zipfile.BadZipFile, UnicodeDecodeError, OSError, MemoryError) as e:
-        raise CorruptInputError(
-            f"'{path}' is not a readable torch checkpoint ({_first_line(e)})."
-        ) from e
+            AttributeError, zipfile.BadZipFile, UnicodeDecodeError, OSError, MemoryError,
+            struct.error, RecursionError, NotImplementedError, AssertionError) as e:
+        raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: "
+                                f"{_what_went_wrong(head, is_zip, e)}.") from e
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+def save(obj: object, fd: int, dst: Path) -> None:
+    """torch.save OBJ into FD, the open temporary file of DST.
+
+    torch's zip writer turns anything raised by a write into a bare RuntimeError ("unexpected
+    pos"): a full disk, and a Ctrl-C or SIGTERM that lands inside a write. The sink keeps what
+    was raised, so that the first is exit 5 with its reason and the second stays an interrupt.
+
+    Raises:
+        OutputError: the bytes could not be written.
+    """
+    import torch
+
+    sink = _Sink(fd)
+    try:
+        torch.save(obj, sink)
+    except (OSError, RuntimeError) as e:
+        interrupt = sink.interrupt or _interrupt_in(e)
+        if interrupt is not None:
+            raise interrupt from None
+        error = sink.error or (e if isinstance(e, OSError) else None)
+        if error is None:
+            raise
+        raise output_error(dst, error) from e
+
+
+def _interrupt_in(e: BaseException) -> BaseException | None:
+    """A KeyboardInterrupt (or SIGTERM's exception) that E replaced while it was handled."""
+    seen = set()
+    cause = e.__context__
+    while cause is not None and id(cause) not in seen:
+        if not isinstance(cause, Exception):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
+class _Sink(io.RawIOBase):
+    """A write-only file over FD that remembers the first error or interrupt a write met."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+        self.error: OSError | None = None
+        self.interrupt: BaseException | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        total = len(view)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        except BaseException as e:  # KeyboardInterrupt, SIGTERM's Terminated
+            self.interrupt = self.interrupt or e
+            raise
+        return total
+
+
+# --- zip archives (torch.save since 1.6) ------------------------------------------------------
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+
+
+def check_archive(path: Path, size: int) -> None:
+    """Refuse a zip archive torch.save could not have written, before torch reads it.
+
+    torch.save stores every member uncompressed, once, inside the file. A compressed member
+    can expand to far more than the file (a zip bomb) and cannot be mapped; a member that
+    claims more bytes than the archive holds, or a name given twice, is damage or a trick.
+    A TorchScript archive (`torch.jit.save`) holds code.
+
+    Raises:
+        UnsafeInputError: a compressed member, a TorchScript archive.
+        CorruptInputError: not a valid zip archive, or implausible sizes.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    # zipfile raises these on damaged archives; all mean "not a valid zip", exit 4.
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
+            struct.error, UnicodeDecodeError, KeyError, IndexError, OverflowError,
+            NotImplementedError, MemoryError) as e:
+        raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: it starts like "
+                                "a zip archive (torch.save's format) but is not a valid one "
+                                f"({_reason(e)}; truncated?); re-download or re-save it.") from e
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        name = shorten(info.filename)
+        inner = info.filename.split("/", 1)[-1]
+        if inner == "constants.pkl" or inner.startswith("code/"):
+            raise UnsafeInputError(f"'{path}' is a TorchScript archive (torch.jit.save), which "
+                                   "holds code that linconvert never runs; in a trusted "
+                                   "environment, torch.save(torch.jit.load(...).state_dict()) "
+                                   "and convert that.")
+        if info.filename in seen:
+            raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: its zip archive "
+                                    f"holds member '{name}' twice; re-download or re-save it.")
+        seen.add(info.filename)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise UnsafeInputError(f"'{path}' holds compressed zip member '{name}' (method "
+                                   f"{info.compress_type}); torch.save never compresses and a "
+                                   "compressed member can expand without bound (a zip bomb), "
+                                   "so linconvert refuses it: re-save the checkpoint with "
+                                   "torch.save.")
+        if info.flag_bits & 0x1:
+            raise CorruptInputError(f"'{path}': zip member '{name}' is encrypted, which torch "
+                                    "cannot read; re-save the checkpoint with torch.save.")
+        total += info.file_size
+        if (info.file_size != info.compress_size
+                or info.header_offset + _LOCAL_HEADER.size + info.file_size > size
+                or total > size):
+            raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: zip member "
+                                    f"'{name}' claims {info.file_size} bytes, more than the "
+                                    f"{size}-byte archive can hold; re-download or re-save it.")
+    _check_local_headers(path, infos, size)
+
+
+def _check_local_headers(path: Path, infos: Sequence[zipfile.ZipInfo], size: int) -> None:
+    """Each member's local header agrees with the central directory (torch's reader uses both)."""
+    try:
+        with open(path, "rb") as f:
+            for info in infos:
+                name = shorten(info.filename)
+                f.seek(info.header_offset)
+                raw = f.read(_LOCAL_HEADER.size)
+                fields = _LOCAL_HEADER.unpack(raw) if len(raw) == _LOCAL_HEADER.size else None
+                if fields is None or fields[0] != ZIP_MAGIC:
+                    why = "has no local header where the directory says"
+                elif fields[4] != zipfile.ZIP_STORED:
+                    raise UnsafeInputError(f"'{path}' holds compressed zip member "
+                                           f"'{name}' (its local header says method "
+                                           f"{fields[4]}); torch.save never compresses, so "
+                                           "linconvert refuses it: re-save the checkpoint with "
+                                           "torch.save.")
+                elif (info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
+                      + info.file_size > size):
+                    why = "runs past the end of the file"
+                else:
+                    continue
+                raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: zip member "
+                                        f"'{name}' {why}; re-download or re-save it.")
+    except OSError as e:
+        raise CorruptInputError(f"cannot read '{path}': {e.strerror or e}.") from e
+
+
+def _is_tar(path: Path) -> bool:
+    """Whether PATH is a plain tar archive, as torch's legacy loader would open it."""
+    try:
+        with tarfile.open(path, mode="r:"):
+            return True
+    except (tarfile.TarError, OSError, ValueError, EOFError, UnicodeDecodeError):
+        return False
+
+
+# --- translating torch's errors ---------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_NAMED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+_GOT_CLASS = re.compile(r"but got <class '([^']+)'>")
+_UNRECOGNIZED = re.compile(r"unrecognized function <(?:built-in )?function (\S+?)>")
+_UNSAFE_HINTS = ("GLOBAL", "allowlisted", "add_safe_globals", "unrecognized function",
+                 "must be imported to load")
+_BLOCKED_MODULES = ("sys", "os", "posix", "nt")
+
+
+def strip_ansi(text: str) -> str:
+    """TEXT without terminal colour and cursor codes."""
+    return _ANSI.sub("", text)
+
+
+def _reason(e: BaseException) -> str:
+    """The gist of a library's error: no colour codes, no advice, one short line."""
+    lines = [line.strip() for line in strip_ansi(str(e)).splitlines() if line.strip()]
+    skip = ("Weights only load failed", "In PyTorch 2.6", "Please file an issue",
+            "Check the documentation", "(1)", "(2)")
+    lines = [line for line in lines if not line.startswith(skip)] or lines
+    text = lines[0] if lines else ""
+    text = text.split("WeightsUnpickler error: ")[-1].split(". This is an internal miniz")[0]
+    text = text.strip().rstrip(".")
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _what_went_wrong(head: bytes, is_zip: bool, e: BaseException) -> str:
+    if is_zip:
+        return f"torch could not read it ({_reason(e)}); re-download or re-save it"
+    if looks_like_safetensors(head):
+        return "it looks like a safetensors file; give it the .safetensors suffix"
+    if head[:1] == b"\x80":
+        return (f"its legacy torch.save pickle is damaged ({_reason(e)}); re-download or "
+                "re-save it")
+    return ("it is neither a zip archive (torch.save since 1.6) nor a torch.save pickle; check "
+            "that this is the file you meant")
+
+
+def _refused_globals(path: Path, message: str, is_zip: bool, allowed: Sequence[object],
+                     allow_globals: Sequence[str]) -> UnsafeInputError | None:
+    """The refusal for an unpickling error caused by a global off the allow-list, else None."""
+    message = strip_ansi(message)
+    if not any(hint in message for hint in _UNSAFE_HINTS):
+        return None
+    granted = set(allow_globals) | {
+        f"{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', '')}" for o in allowed}
+    names = [g for g in (_unsafe_globals(path) if is_zip else []) if g not in granted]
+    for pattern in (_NAMED_GLOBAL, _GOT_CLASS, _UNRECOGNIZED):
+        for g in pattern.findall(message):
+            g = g if "." in g else f"builtins.{g}"  # torch shortens builtins.print to print
+            if g not in names and g not in granted:
+                names.append(g)
+    shown = ", ".join(f"'{g}'" for g in names[:12]) or "a global it does not name"
+    if len(names) > 12:
+        shown += f" and {len(names) - 12} more"
+    blocked = [g for g in names if g.split(".", 1)[0] in _BLOCKED_MODULES]
+    if blocked:
+        calls = ", ".join(f"'{g}'" for g in blocked)
+        return UnsafeInputError(f"'{path}' is refused: its pickle calls {calls}, which can run "
+                                "commands on this machine and is never allowed, not even with "
+                                "--allow-global; do not use this file.")
+    if any(g.startswith("torch.nn.modules.") for g in names):
+        return UnsafeInputError(f"'{path}' holds a whole pickled model (globals {shown}), which "
+                                "only its classes' code can load; in a trusted environment "
+                                "re-save it with torch.save(model.state_dict(), ...) and convert "
+                                "that.")
+    return UnsafeInputError(f"'{path}' needs pickle globals outside the allow-list ({shown}); "
+                            "linconvert does not load them unasked: if you trust this file and "
+                            "these classes, pass --allow-global for each, e.g. --allow-global "
+                            f"{names[0] if names else 'module.Name'}.")
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -90,13 +353,6 @@ def _unsafe_globals(path: Path) -> list[str]:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # noqa: BLE001 - only used to improve a message; the refusal stands
         return []
-
-
-def _global_from_message(msg: str) -> str:
-    for line in msg.splitlines():
-        if "Unsupported global" in line:
-            return line.split("GLOBAL", 1)[-1].split("was not", 1)[0].strip()
-    return "an unlisted global"
 
 
 def is_tensor_mapping(obj: object) -> bool:
@@ -134,7 +390,7 @@ def find_state_dict(obj: object, path: Path,
     import torch
 
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, ()
+        return _string_keys(obj, path), ()
     for key in STATE_DICT_KEYS:
         if is_tensor_mapping(obj.get(key)):
             return obj[key], (key,)
@@ -144,6 +400,16 @@ def find_state_dict(obj: object, path: Path,
     raise CorruptInputError(f"'{path}' has no state dict at its top level or under "
                             f"{', '.join(STATE_DICT_KEYS)} (keys: {keys}); name it with "
                             "--state-dict-key a.b.")
+
+
+def _string_keys(sd: Mapping[object, object], path: Path) -> Mapping[str, object]:
+    """SD itself, if every key is a string (a state dict's keys are parameter names)."""
+    bad = next((k for k in sd if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CorruptInputError(f"'{path}' holds a mapping of tensors whose key "
+                                f"{shorten(repr(bad))} is not a string, so it is not a state "
+                                "dict; re-save it with string parameter names.")
+    return sd  # type: ignore[return-value]
 
 
 def replace_at(root: object, key_path: tuple[str, ...], value: object) -> object:
