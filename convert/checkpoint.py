@@ -229,7 +229,8 @@ class TorchCheckpoint(Checkpoint):
         out = []
         for root, kp in zip(self.roots, self.key_paths):
             if kp and isinstance(root, Mapping):
-                out += [str(k) for k in root if k != kp[0]]
+                out += [k if isinstance(k, str) else torch_pt.describe_key(k)
+                        for k in root if k != kp[0]]
         return out
 
     def raw_tensor(self, key: str) -> Any:

@@ -351,6 +351,23 @@ def test_non_string_state_dict_keys_are_corrupt(tmp_path, convert_refused):
     convert_refused(src, 4, "key 0 is not a string")
 
 
+def test_a_key_holding_a_storage_is_named_without_its_repr(tmp_path, convert_refused):
+    """Found by the fuzzer: a mutated pickle made a tuple holding a TypedStorage a key, and
+    printing its repr put torch's deprecation warning on stderr beside the error."""
+    import warnings
+
+    src = tmp_path / "storagekey.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        key = (torch.zeros(2).storage(),)
+        torch.save({"fc.weight": torch.zeros(3, 5), key: torch.zeros(2)}, src)
+        torch.save({"model": {"fc.weight": torch.zeros(3, 5)}, key: 1}, tmp_path / "t.pt")
+    convert_refused(src, 4, "key <a tuple> is not a string")
+    with pytest.raises(convert.UsageError, match="<a tuple>") as e:
+        convert.to_linear(tmp_path / "t.pt", tmp_path / "o.pt", state_dict_key="nope")
+    assert "Storage" not in str(e.value)
+
+
 def test_torch_messages_lose_colour_codes_and_unsafe_advice(tmp_path, runner, monkeypatch):
     torch.save(_state_dict(), tmp_path / "x.pt")
 

@@ -375,9 +375,9 @@ def find_state_dict(obj: object, path: Path,
         for i, part in enumerate(state_dict_key.split(".")):
             if not isinstance(node, Mapping) or part not in node:
                 where = ".".join(state_dict_key.split(".")[:i]) or "the top level"
-                keys = sorted(map(str, node)) if isinstance(node, Mapping) else []
+                keys = sorted(map(describe_key, node)) if isinstance(node, Mapping) else []
                 raise UsageError(f"'{path}' has no key '{part}' under {where} (keys there: "
-                                 f"{', '.join(repr(k) for k in keys[:12]) or 'none'}); fix "
+                                 f"{', '.join(keys[:12]) or 'none'}); fix "
                                  "--state-dict-key.")
             node = node[part]
         if not is_tensor_mapping(node):
@@ -396,10 +396,18 @@ def find_state_dict(obj: object, path: Path,
             return obj[key], (key,)
     if is_tensor_mapping(obj):
         return obj, ()
-    keys = ", ".join(repr(k) for k in list(obj)[:12])
+    keys = ", ".join(describe_key(k) for k in list(obj)[:12])
     raise CorruptInputError(f"'{path}' has no state dict at its top level or under "
                             f"{', '.join(STATE_DICT_KEYS)} (keys: {keys}); name it with "
                             "--state-dict-key a.b.")
+
+
+def describe_key(key: object) -> str:
+    """A key of a loaded mapping for a message: short, and never the repr of an arbitrary
+    object (a storage's repr warns on stderr, a tensor's is long)."""
+    if isinstance(key, (str, int, float, bool)) or key is None:
+        return shorten(repr(key))
+    return f"<a {type(key).__name__}>"
 
 
 def _string_keys(sd: Mapping[object, object], path: Path) -> Mapping[str, object]:
@@ -407,7 +415,7 @@ def _string_keys(sd: Mapping[object, object], path: Path) -> Mapping[str, object
     bad = next((k for k in sd if not isinstance(k, str)), None)
     if bad is not None:
         raise CorruptInputError(f"'{path}' holds a mapping of tensors whose key "
-                                f"{shorten(repr(bad))} is not a string, so it is not a state "
+                                f"{describe_key(bad)} is not a string, so it is not a state "
                                 "dict; re-save it with string parameter names.")
     return sd  # type: ignore[return-value]
 
