@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -434,23 +435,33 @@ def run_batch(items: list[Item], *, jobs: int | None = None, out_dir: Path | Non
             if fail_fast and res.exit_code:
                 break
     else:
-        _run_pool(args, jobs, fail_fast, finish)
+        needs_torch = verify or not all(_bytes_only(it) for it in items)
+        _run_pool(args, jobs, fail_fast, finish, needs_torch)
     report.seconds = time.perf_counter() - start
     order = {it.source: i for i, it in enumerate(items)}
     report.items.sort(key=lambda r: order.get(r.source, 0))
     return report
 
 
+def _bytes_only(item: Item) -> bool:
+    """safetensors in and out, unverified: byte work that never imports torch."""
+    dst = Path(item.destination)
+    return (item.source.endswith(".safetensors") and dst.suffix in (".safetensors", "")
+            and item.option_dict().get("format") in (None, "safetensors")
+            and not item.option_dict().get("model"))
+
+
 def _init_worker(threads: int) -> None:
     """Each worker gets its share of the CPUs: JOBS workers with torch's default thread count
     would oversubscribe the cores and spin (measured: +50% CPU time, no speed-up)."""
-    import torch
-
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for a torch imported later in the worker
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def _run_pool(args: list[tuple], jobs: int, fail_fast: bool,
-              finish: Callable[[ItemResult], None]) -> None:
+              finish: Callable[[ItemResult], None], needs_torch: bool) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -459,9 +470,11 @@ def _run_pool(args: list[tuple], jobs: int, fail_fast: bool,
     # Importing starts no thread pool; only an initialised CUDA makes fork unsafe, then spawn.
     method = "spawn"
     if hasattr(os, "fork"):
-        import torch
+        method = "fork"
+        if needs_torch or "torch" in sys.modules:
+            import torch
 
-        method = "spawn" if torch.cuda.is_initialized() else "fork"
+            method = "spawn" if torch.cuda.is_initialized() else "fork"
     ctx = multiprocessing.get_context(method)
     pending = list(args)
     threads = max(1, default_jobs() // jobs)

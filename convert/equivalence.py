@@ -259,6 +259,18 @@ def _bits(t: Any) -> Any:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
+_INT_VIEW = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _transposed_bits_equal(w_src: Any, w_dst: Any) -> bool:
+    """Whether W_DST is W_SRC transposed bit for bit, through same-width integer views (no
+    transposed copy; NaN == NaN, -0 != 0)."""
+    import torch
+
+    view = getattr(torch, _INT_VIEW[w_src.element_size()])
+    return bool(torch.equal(w_src.view(view).t(), w_dst.view(view)))
+
+
 def _sibling_bias(key: str, specs: Mapping[str, Any]) -> str | None:
     prefix, dot, leaf = key.rpartition(".")
     for b in _BIAS_OF.get(leaf, ()):
@@ -343,7 +355,7 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                                           f"{s_spec.shape}")
         return res
     w_src, w_dst = src.tensor(pair.source), dst.tensor(pair.target)
-    res.bit_exact = bool(_bits(w_src.t()).equal(_bits(w_dst)))
+    res.bit_exact = _transposed_bits_equal(w_src, w_dst)
 
     src_bias_key = _sibling_bias(pair.source, src.specs)
     dst_bias_key = bias_pairs.get(src_bias_key) if src_bias_key else None
