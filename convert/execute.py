@@ -91,6 +91,8 @@ def transpose_bytes(src: Any, rows: int, cols: int, itemsize: int, out: bytearra
     import numpy as np
 
     n = rows * cols * itemsize
+    if n == 0:  # an empty matrix (2**40 x 0 too): nothing to move, and no 2**34 empty tiles
+        return memoryview(out)[:0]
     a = np.frombuffer(src, dtype=np.uint8, count=n).view(_UINT[itemsize]).reshape(rows, cols)
     b = np.frombuffer(out, dtype=np.uint8, count=n).view(_UINT[itemsize]).reshape(cols, rows)
     for i in range(0, rows, TILE):
@@ -310,7 +312,6 @@ def _write_all(f: AtomicFile, data: bytes, path: Path) -> None:
 
 def _write_pt(plan: Plan, ckpt: Checkpoint, output: Output,
               before_commit: BeforeCommit | None) -> ExecutionResult:
-    import torch
 
     from .formats import torch_pt
 
@@ -330,11 +331,7 @@ def _write_pt(plan: Plan, ckpt: Checkpoint, output: Output,
     if len(new_sd) != expected:
         raise RuntimeError(f"built {len(new_sd)} keys for {output.path}, planned {expected}")
     with AtomicFile(output.path, overwrite=output.overwrite) as f:
-        try:
-            with open(f.fd, "wb", closefd=False) as fh:
-                torch.save(root, fh)
-        except OSError as e:
-            raise output_error(output.path, e) from e
+        torch_pt.save(root, f.fd, output.path)  # a full disk: exit 5; Ctrl-C stays an interrupt
         sha = hasher.result()
         f.fsync()
         if before_commit is not None:

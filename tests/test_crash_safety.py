@@ -77,13 +77,7 @@ def _assert_one_error(res, code: int, *needles: str) -> None:
 
 # --- a full disk, a file size limit, a read-only folder --------------------------------------
 
-_PT_XFAIL = pytest.mark.xfail(
-    strict=True, reason="execute._write_pt calls torch.save directly, whose zip writer turns "
-    "a failed write into a bare RuntimeError (exit 70); it should call "
-    "convert.formats.torch_pt.save(root, f.fd, output.path), which keeps the OSError (exit 5)")
-
-
-@pytest.mark.parametrize("name", ["o.safetensors", pytest.param("o.pt", marks=_PT_XFAIL),
+@pytest.mark.parametrize("name", ["o.safetensors", "o.pt",
                                   "o-folder/"])
 def test_disk_full_mid_write_is_exit_5_and_leaves_nothing(tmp_path, runner, small_src, name):
     with _mounted(tmp_path / "fs", "size=256k") as fs:
@@ -93,7 +87,7 @@ def test_disk_full_mid_write_is_exit_5_and_leaves_nothing(tmp_path, runner, smal
         assert [p for p in fs.rglob("*") if p.is_file()] == []
 
 
-@pytest.mark.parametrize("name", ["o.safetensors", pytest.param("o.pt", marks=_PT_XFAIL)])
+@pytest.mark.parametrize("name", ["o.safetensors", "o.pt"])
 def test_file_size_limit_is_exit_5_and_leaves_nothing(tmp_path, small_src, name):
     """RLIMIT_FSIZE stands in for a full disk where no tmpfs can be mounted."""
 
@@ -235,12 +229,6 @@ def test_ctrl_c_after_the_pt_is_written_cleans_up(tmp_path, runner, monkeypatch,
     assert _partials(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a Ctrl-C or SIGTERM that lands inside one of torch.save's "
-                   "writes becomes RuntimeError 'unexpected pos' (exit 70; seen about 1 in 40 "
-                   "real SIGINTs under load) because execute._write_pt hands torch.save a plain "
-                   "file; with convert.formats.torch_pt.save(root, f.fd, output.path) the "
-                   "interrupt is kept (exit 130). Today the injected write below is never "
-                   "reached, since the plain file writes in C.")
 def test_ctrl_c_inside_a_pt_write_is_exit_130(tmp_path, runner, monkeypatch, small_src):
     dst = tmp_path / "o.pt"
     dst.write_bytes(OLD)
