@@ -2,10 +2,11 @@
 
     python tests/benchmarks/bench_batch.py [--count 8] [--layers 6] [--repeat 2]
 
-Each checkpoint is GPT-2-like in the param layout (d=768, float32, ~325 MB at 6 layers; each
-file's values differ). Runs `linconvert batch DIR --direction to-linear --out-dir OUT -j N
---preset gpt2` with verification (the default) and with `--no-verify`, into a fresh output
-folder each time, interleaved, and prints the medians and the speed-up of -j 2 over -j 1.
+Each checkpoint is GPT-2-like in the param layout (default d=768, float32, ~325 MB at 6
+layers; `--d`, `--vocab`, `--layers` resize it; each file's values differ). Runs
+`linconvert batch DIR --direction to-linear --out-dir OUT -j N --preset gpt2` with
+verification (the default) and with `--no-verify`, into a fresh output folder each time,
+interleaved, and prints the medians and the speed-up of -j 2 over -j 1.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from pathlib import Path
 GENERATE = """
 import sys, torch
 from safetensors.torch import save_file
-folder, count, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-d, vocab = 768, 50257
+folder, count, layers, d, vocab = sys.argv[1], *map(int, sys.argv[2:6])
 for n in range(count):
     g = torch.Generator().manual_seed(n)
     r = lambda *s: torch.rand(s, generator=g) * 0.02
@@ -45,13 +45,15 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=8)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--d", type=int, default=768, help="model width")
+    ap.add_argument("--vocab", type=int, default=50257, help="embedding rows")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="linconvert-batch-bench-"))
     try:
         src = work / "in"
         src.mkdir()
         subprocess.run([sys.executable, "-c", GENERATE, str(src), str(args.count),
-                        str(args.layers)], check=True)
+                        str(args.layers), str(args.d), str(args.vocab)], check=True)
         size = sum(p.stat().st_size for p in src.iterdir()) / 1e6
         exe = [sys.executable, "-m", "convert"]
         results: dict[tuple[str, int], list[float]] = {}
