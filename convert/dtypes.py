@@ -73,6 +73,11 @@ def dtype_from_torch(torch_dtype: object) -> str:
     return _BY_TORCH_NAME.get(name, f"torch.{name}")
 
 
+def dtype_from_name(name: str) -> str | None:
+    """The safetensors name for a numpy/ml_dtypes dtype name (`float32`, `bfloat16`), or None."""
+    return _BY_TORCH_NAME.get(name)
+
+
 def torch_dtype(dtype: str):  # noqa: ANN201 - returns torch.dtype, torch imported lazily
     """The torch dtype for a safetensors dtype name."""
     import torch

@@ -11,7 +11,6 @@ provenance is patched in at the end.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,7 +23,7 @@ from .checkpoint import Checkpoint, TorchCheckpoint
 from .dtypes import DTYPES
 from .errors import CorruptInputError, UsageError
 from .formats import safetensors as st
-from .formats.atomic import AtomicFile, output_error
+from .formats.atomic import AtomicFile
 from .plan import Plan
 from .provenance import METADATA_KEY, SHA_PLACEHOLDER, Provenance
 
@@ -295,17 +294,8 @@ def _write_index(index_path: Path, written: list[Any], groups: list[list[int]],
     total = sum(_nbytes(a) for a in written)
     text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     with AtomicFile(index_path, overwrite=overwrite) as f:
-        _write_all(f, (text + "\n").encode(), index_path)
+        f.write((text + "\n").encode())
         f.commit()
-
-
-def _write_all(f: AtomicFile, data: bytes, path: Path) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(f.fd, view):]
-    except OSError as e:
-        raise output_error(path, e) from e
 
 
 # --- .pt ------------------------------------------------------------------------------------

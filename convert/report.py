@@ -100,18 +100,11 @@ def write_junit(path: Path, report: Any) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    import os
+    """Write a report file atomically."""
+    from .formats.atomic import AtomicFile
 
-    from .formats.atomic import AtomicFile, output_error
-
-    data = text.encode()
     with AtomicFile(path, overwrite=True) as f:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(f.fd, view):]
-        except OSError as e:
-            raise output_error(path, e) from e
+        f.write(text.encode())
         f.commit()
 
 

@@ -77,6 +77,15 @@ class AtomicFile:
             raise
         return self
 
+    def write(self, data: bytes | memoryview) -> None:
+        """Write all of DATA at the file's position."""
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            raise output_error(self.dst, e) from e
+
     def fsync(self) -> None:
         """Flush the data to disk (before the rename that publishes it)."""
         try:

@@ -17,9 +17,6 @@ from ..errors import CorruptInputError, UsageError
 
 NDARRAY, COMPLEX, NPSCALAR = 1, 2, 3
 CHUNKED = "__msgpack_chunked_array__"
-_NUMPY_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-                 "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8",
-                 "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL"}
 _COLLECTIONS = ("params", "batch_stats")
 
 
@@ -42,7 +39,7 @@ class _Array:
 
 
 def _decode_array(payload: bytes, path: Path) -> _Array:
-    from ..dtypes import nbytes_of
+    from ..dtypes import dtype_from_name, nbytes_of
 
     msgpack = import_msgpack()
     try:
@@ -51,13 +48,13 @@ def _decode_array(payload: bytes, path: Path) -> _Array:
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError,
             msgpack.exceptions.UnpackException) as e:
         raise CorruptInputError(f"'{path}' holds a malformed flax array ({e}).") from e
-    if dtype_name not in _NUMPY_DTYPES:
+    dtype = dtype_from_name(dtype_name)
+    if dtype is None:
         raise CorruptInputError(f"'{path}' holds an array of dtype {dtype_name!r}, which "
                                 "linconvert does not convert.")
     if not isinstance(shape, (list, tuple)) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CorruptInputError(f"'{path}' holds a flax array with an invalid shape {shape!r}.")
-    dtype = _NUMPY_DTYPES[dtype_name]
     if not isinstance(buffer, bytes) or len(buffer) != nbytes_of(dtype, tuple(shape)):
         raise CorruptInputError(f"'{path}' holds a {dtype_name} {list(shape)} array whose data "
                                 f"is {len(buffer) if isinstance(buffer, bytes) else '?'} bytes, "

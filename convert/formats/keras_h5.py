@@ -22,9 +22,6 @@ from typing import Any
 from ..errors import CorruptInputError, UsageError
 
 MAX_CONFIG_BYTES = 64 << 20
-_H5_DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64", "bfloat16": "BF16",
-              "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8",
-              "bool": "BOOL"}
 
 
 def import_h5py() -> Any:
@@ -175,12 +172,14 @@ class KerasWeights:
                 self._collect(group["layers"], f"{key_prefix}.")
 
     def spec(self, key: str) -> tuple[tuple[int, ...], str]:
+        from ..dtypes import dtype_from_name
+
         ds = self.datasets[key]
-        name = str(ds.dtype)
-        if name not in _H5_DTYPES:
-            raise CorruptInputError(f"'{self.path}': '{key}' has dtype {name}, which linconvert "
-                                    "does not convert.")
-        return tuple(int(d) for d in ds.shape), _H5_DTYPES[name]
+        dtype = dtype_from_name(str(ds.dtype))
+        if dtype is None:
+            raise CorruptInputError(f"'{self.path}': '{key}' has dtype {ds.dtype}, which "
+                                    "linconvert does not convert.")
+        return tuple(int(d) for d in ds.shape), dtype
 
     def read(self, key: str) -> Any:
         import numpy as np
