@@ -182,6 +182,7 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint, output: Output,
         paths, index_path = _shard_names(output, len(groups))
         if output.folder:
             output.path.mkdir(parents=True, exist_ok=True)
+        _remove_stale_shard_partials(index_path)
     else:
         groups, paths, index_path = [list(range(len(written)))], [output.path], None
 
@@ -272,6 +273,15 @@ def _check_written(w: st.SafetensorsWriter, path: Path) -> None:
     if want != have:
         raise RuntimeError(f"the header written to {path} does not match its plan "
                            f"({len(have)} keys written, {len(want)} planned)")
+
+
+def _remove_stale_shard_partials(index_path: Path) -> None:
+    """A killed sharded write leaves `.STEM-0000i-of-0000n.safetensors.partial` files whose n
+    may differ from this run's: remove every one of this output's."""
+    stem = index_path.name.removesuffix(".safetensors.index.json")
+    pattern = f".{stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors.partial"
+    for p in index_path.parent.glob(pattern):
+        p.unlink(missing_ok=True)
 
 
 def _shards_named_by(index_path: Path) -> set[str]:

@@ -237,3 +237,18 @@ def test_overwriting_a_sharded_output_removes_its_leftover_shards(tmp_path):
     after = sorted(p.name for p in (tmp_path / "out").glob("model-*"))
     assert len(before) > 1 and after == ["model-00001-of-00001.safetensors"]
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # other files left alone
+
+
+def test_a_killed_sharded_writes_temporaries_are_removed_whatever_their_count(tmp_path):
+    sd = _state_dict()
+    save_file(sd, str(tmp_path / "src.safetensors"))
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".model-00002-of-00007.safetensors.partial",
+             out / ".model-00001-of-00003.safetensors.partial"]
+    for p in stale:
+        p.write_bytes(b"left by a killed run")
+    (out / ".notes.partial").write_text("not ours")
+    convert.to_linear(tmp_path / "src.safetensors", out, max_shard_size="100B")
+    assert not any(p.exists() for p in stale)
+    assert (out / ".notes.partial").exists()
