@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -36,6 +37,7 @@ CASE_SECONDS = 30
 OPTIONS = {
     "square_nobias.safetensors": ["--layers", "*.weight"],
     "seed000_W.pt": ["--layers", "W"],
+    "flax.msgpack": ["--preset", "flax"],
 }
 
 
@@ -178,7 +180,34 @@ def _seed_files(folder: Path) -> dict[str, bytes]:
     torch.save({"fc.weight": torch.randn(3, 5, generator=g), "fc.bias": torch.randn(5, generator=g),
                 "step": torch.tensor(3)}, buf, _use_new_zipfile_serialization=False)
     seeds["legacy.pt"] = buf.getvalue()
+    flax_seed = _flax_seed()
+    if flax_seed is not None:
+        seeds["flax.msgpack"] = flax_seed
     return seeds
+
+
+def _flax_seed() -> bytes | None:
+    """A Flax MLP's variables as flax writes them (when flax is installed), one array chunked."""
+    try:
+        import flax.serialization
+        import jax
+        from flax import linen
+    except ImportError:
+        return None
+
+    class MLP(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(3, name="fc2")(linen.LayerNorm(name="norm")(
+                linen.Dense(6, name="fc1")(x)))
+
+    variables = MLP().init(jax.random.PRNGKey(0), np.ones((1, 4), np.float32))
+    limit = flax.serialization.MAX_CHUNK_SIZE
+    flax.serialization.MAX_CHUNK_SIZE = 40  # so that the seed holds a chunked array too
+    try:
+        return flax.serialization.to_bytes(variables)
+    finally:
+        flax.serialization.MAX_CHUNK_SIZE = limit
 
 
 def _sharded_seed(folder: Path) -> Path:
