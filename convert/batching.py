@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -257,30 +256,12 @@ def select_shard(items: list[Item], shard: tuple[int, int] | None) -> list[Item]
 
 def _sha256(path: Path) -> str:
     """SHA-256 of a source as provenance records it (all shards, in index order)."""
-    with open_checkpoint(path) if path.is_dir() or path.name.endswith(".index.json") else \
-            _NoCheckpoint(path) as ckpt:
-        files = ckpt.files
-    h = hashlib.sha256()
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                h.update(view[:n])
-    return h.hexdigest()
+    from .execute import sha256_files
 
-
-class _NoCheckpoint:
-    """A one-file source, hashed without parsing it."""
-
-    def __init__(self, path: Path):
-        self.files = (path,)
-
-    def __enter__(self) -> _NoCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+    if path.is_dir() or path.name.endswith(".index.json"):
+        with open_checkpoint(path) as ckpt:
+            return sha256_files(ckpt.files)
+    return sha256_files((path,))
 
 
 def _options_hash(item: Item) -> str:

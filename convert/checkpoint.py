@@ -61,7 +61,6 @@ class Checkpoint:
         self.tied: tuple[tuple[str, ...], ...] = ()
         self.folder: Path | None = None
         self.sharded = False
-        self.index_metadata: dict[str, object] = {}
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -433,7 +432,6 @@ def _open_index(index_path: Path, state_dict_key: str | None,
         for f, sd in zip(index.shards, ckpt.state_dicts):
             sharded.check_shard_keys(index, f, list(sd))
     ckpt.sharded = True
-    ckpt.index_metadata = index.metadata
     return ckpt
 
 

@@ -55,6 +55,18 @@ class ExecutionResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def sha256_files(files: tuple[Path, ...]) -> str:
+    """SHA-256 of FILES' bytes, concatenated in order (what provenance records)."""
+    h = hashlib.sha256()
+    buf = bytearray(COPY_CHUNK)
+    view = memoryview(buf)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+    return h.hexdigest()
+
+
 class _Hasher(threading.Thread):
     """SHA-256 of the source files, in order, read on a second thread (hashlib drops the GIL)."""
 
@@ -65,17 +77,10 @@ class _Hasher(threading.Thread):
         self.error: OSError | None = None
 
     def run(self) -> None:
-        h = hashlib.sha256()
-        buf = bytearray(COPY_CHUNK)
-        view = memoryview(buf)
         try:
-            for path in self.files:
-                with open(path, "rb", buffering=0) as f:
-                    while n := f.readinto(buf):
-                        h.update(view[:n])
+            self.digest = sha256_files(self.files)
         except OSError as e:
             self.error = e
-        self.digest = h.hexdigest()
 
     def result(self) -> str:
         self.join()

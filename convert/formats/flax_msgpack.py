@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptInputError, UsageError
+from ..errors import CorruptInputError
+from . import import_extra
 
 NDARRAY, COMPLEX, NPSCALAR = 1, 2, 3
 CHUNKED = "__msgpack_chunked_array__"
@@ -21,12 +22,7 @@ _COLLECTIONS = ("params", "batch_stats")
 
 
 def import_msgpack() -> Any:
-    try:
-        import msgpack
-    except ImportError as e:
-        raise UsageError("reading Flax msgpack needs the msgpack package: pip install "
-                         "'linconvert[flax]'.") from e
-    return msgpack
+    return import_extra("msgpack", "Flax msgpack", "flax")
 
 
 class _Array:

@@ -19,18 +19,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptInputError, UsageError
+from ..errors import CorruptInputError
+from . import import_extra
 
 MAX_CONFIG_BYTES = 64 << 20
 
 
 def import_h5py() -> Any:
-    try:
-        import h5py
-    except ImportError as e:
-        raise UsageError("reading Keras weights needs the h5py package: pip install "
-                         "'linconvert[keras]'.") from e
-    return h5py
+    return import_extra("h5py", "Keras weights", "keras")
 
 
 _BUILT_IN = ("Dense", "EinsumDense", "Embedding", "LayerNormalization", "BatchNormalization",
