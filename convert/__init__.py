@@ -9,6 +9,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# `convert.verify` names two things: the subpackage of checks and the API function `verify`
+# (convert.api, found lazily by `__getattr__`). Importing a subpackage binds it as an attribute
+# of its parent, which would hide the function for good; so import the package here, before
+# `__getattr__` exists, and unbind the name below. Later imports of `convert.verify.*` find the
+# package in sys.modules and leave this module alone, so `convert.verify` stays the function.
+from . import verify  # noqa: E402
 from .errors import (  # noqa: E402
     ConvertError,
     CorruptInputError,
@@ -18,6 +24,8 @@ from .errors import (  # noqa: E402
     UsageError,
 )
 from .layout import Layout  # noqa: E402
+
+del verify  # so that `convert.verify` is the API function (see above)
 
 __all__ = [
     "ConvertError", "CorruptInputError", "Layout", "NotEquivalentError", "OutputError",

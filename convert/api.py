@@ -7,48 +7,19 @@ arguments and raise `ConvertError` subclasses (each with its exit code) instead 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import (
-    CHECKPOINT_SUFFIXES,
-    PT_SUFFIXES,
-    SAFETENSORS_SUFFIX,
-    Checkpoint,
-    open_checkpoint,
-    open_written,
-    source_kind,
-)
+from .checkpoint import Checkpoint, open_checkpoint, open_written, source_kind
 from .dtypes import is_float_matrix
-from .equivalence import VerifyReport
-from .errors import OutputError, UsageError
-from .execute import Output, apply_plan
-from .formats.atomic import output_error, partial_path
+from .errors import UsageError
+from .execute import apply_plan
 from .layout import Layout
-from .plan import Plan, build_plan
-from .selection import bias_evidence, build_reference, make_selection
-
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from `5GB`, `300KB` (decimal, as huggingface_hub) or `2GiB`."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(text)
-    unit = m[2].upper() if m else ""
-    if unit in ("K", "M", "G", "T"):
-        unit += "B"
-    if not m or unit not in _UNITS or float(m[1]) <= 0:
-        raise UsageError(f"--max-shard-size '{text}' is not a size; write e.g. 5GB or 300MB.")
-    return int(float(m[1]) * _UNITS[unit])
+from .plan import Plan, build_plan, plan_output, resolve_output, source_facts
+from .selection import Selection, bias_evidence, build_reference, make_selection
+from .verify import VerifyReport
 
 
 @dataclass
@@ -79,111 +50,13 @@ class ConversionReport:
         }
 
 
-def _strip_layout(stem: str) -> str:
-    for tag in (".linear", ".param"):
-        if stem.endswith(tag):
-            return stem[: -len(tag)]
-    return stem
-
-
-_FORMAT_OF_SUFFIX = {SAFETENSORS_SUFFIX: "safetensors", ".onnx": "onnx",
-                     **{s: "pt" for s in PT_SUFFIXES}}
-
-
-def resolve_output(src: Path, dst: Path | str | None, target: Layout, *, fmt: str | None = None,
-                   max_shard_size: str | int | None = None, overwrite: bool = False) -> Output:
-    """Where a conversion writes, per DESIGN.md's rules for DST, and in which format."""
-    if fmt is not None and fmt not in ("safetensors", "pt", "onnx"):
-        raise UsageError(f"--format '{fmt}' is not one of safetensors, pt, onnx.")
-    shard = parse_size(max_shard_size) if max_shard_size is not None else None
-    kind = source_kind(src)
-    if dst is None:
-        if kind in ("folder", "index"):
-            base = src if kind == "folder" else src.parent
-            if fmt == "pt":
-                raise UsageError(f"a folder source '{src}' is written as a sharded safetensors "
-                                 "folder; name a .pt file with -o to write one file.")
-            return Output(base.parent / f"{_strip_layout(base.name)}.{target}", "safetensors",
-                          overwrite, shard or DEFAULT_MAX_SHARD_SIZE, folder=True)
-        suffix = src.suffix.lower() if src.suffix.lower() in CHECKPOINT_SUFFIXES else ""
-        if fmt:
-            suffix = {"safetensors": SAFETENSORS_SUFFIX, "onnx": ".onnx"}.get(fmt) or (
-                suffix if suffix in PT_SUFFIXES else ".pt")
-        suffix = suffix or SAFETENSORS_SUFFIX
-        stem = src.name[: -len(src.suffix)] if src.suffix else src.name
-        stem = _strip_layout(stem.removesuffix(".weights") if src.suffix.lower() == ".h5"
-                             else stem)
-        dst_path = src.parent / f"{stem}.{target}{suffix}"
-    else:
-        text = os.fspath(dst)
-        dst_path = Path(text)
-        if text == "-":
-            raise UsageError("DST '-' (standard output) is not supported; name a file.")
-        if text.endswith(("/", os.sep)) or dst_path.is_dir() or not dst_path.suffix:
-            if fmt == "pt":
-                raise UsageError(f"-o '{text}' is a folder, which holds sharded safetensors; "
-                                 "name a .pt file to write pt.")
-            return Output(dst_path, "safetensors", overwrite, shard or DEFAULT_MAX_SHARD_SIZE,
-                          folder=True)
-        suffix = dst_path.suffix.lower()
-        if suffix not in _FORMAT_OF_SUFFIX:
-            raise UsageError(f"-o '{text}' has an unknown suffix '{dst_path.suffix}'; use "
-                             ".safetensors, .pt/.pth/.bin, .onnx, or a folder.")
-        if fmt and fmt != _FORMAT_OF_SUFFIX[suffix]:
-            raise UsageError(f"--format {fmt} contradicts -o '{text}'; drop one of them.")
-    out_fmt = _FORMAT_OF_SUFFIX[dst_path.suffix.lower()]
-    if shard is not None and out_fmt != "safetensors":
-        raise UsageError("--max-shard-size applies to safetensors output only.")
-    return Output(dst_path, out_fmt, overwrite, shard)
-
-
-def _existing_outputs(output: Output) -> list[Path]:
-    if output.format == "onnx":
-        data = output.path.parent / f"{output.path.name}.data"
-        return [p for p in (output.path, data) if p.exists()]
-    if output.max_shard_size is None:
-        return [output.path] if output.path.exists() else []
-    if output.folder:
-        folder, stem = output.path, "model"
-    else:
-        folder, stem = output.path.parent, output.path.name.removesuffix(".safetensors")
-    if not folder.is_dir():
-        return []
-    found = [folder / f"{stem}.safetensors.index.json"]
-    found += folder.glob(f"{stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]"
-                         ".safetensors")
-    return [p for p in found if p.exists()]
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _check_paths(src: Path, output: Output) -> None:
-    if os.path.abspath(src) == os.path.abspath(output.path) or _same_file(src, output.path):
-        raise UsageError(f"SRC and DST are the same path '{src}'; linconvert never replaces its "
-                         "source: name another DST with -o.")
-    existing = _existing_outputs(output)
-    if existing and not output.overwrite:
-        raise OutputError(f"'{existing[0]}' exists; pass --overwrite to replace it, or choose "
-                          "another DST with -o.")
-    parent = output.path if output.folder else output.path.parent
-    if not output.folder and not parent.is_dir():
-        raise OutputError(f"cannot write '{output.path}': folder '{parent}' does not exist.")
-
-
-def plan_conversion(ckpt: Checkpoint, target: Layout, *, layers: Sequence[str] = (),
-                    exclude: Sequence[str] = (), drop: Sequence[str] = (),
-                    rename: Sequence[tuple[str, str]] = (), rules: str | Path | None = None,
-                    preset: str | None = None, model: str | None = None) -> Plan:
-    """Build the plan for an opened checkpoint (headers only; `model` imports torch)."""
-    selection = make_selection(layers=tuple(layers), exclude=tuple(exclude), drop=tuple(drop),
-                               rename=tuple(tuple(r) for r in rename), rules=rules,
-                               preset=preset, model=model)
-    reference = build_reference(model) if model else None
+def plan_conversion(ckpt: Checkpoint, target: Layout, selection: Selection | None = None,
+                    **options: Any) -> Plan:
+    """The entries of a conversion of an opened checkpoint (headers only; a `--model` in the
+    selection imports torch). OPTIONS, if given, are `make_selection`'s keywords."""
+    if selection is None:
+        selection = make_selection(**options)
+    reference = build_reference(selection.model) if selection.model else None
     return build_plan(ckpt.specs, target, selection, reference=reference,
                       provenance=ckpt.provenance, tied=ckpt.tied, source=str(ckpt.path))
 
@@ -200,51 +73,50 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
             input_dtype: str = "float32") -> ConversionReport:
     """Plan and (unless dry_run) write a conversion of SRC into TARGET's layout.
 
-    With `verify` (the default) the written files, fsynced and read back from disk under their
-    temporary names, are verified against SRC layer by layer before DST is renamed into place;
-    a difference raises NotEquivalentError (exit 1) and leaves no DST.
+    The plan (its entries and its output plan) is built first, from headers alone, and every
+    refusal that needs no tensor data is raised there, dry run or not. With `verify` (the
+    default) the written files, fsynced and read back from disk under their temporary names,
+    are verified against SRC layer by layer before DST is renamed into place; a difference
+    raises NotEquivalentError (exit 1) and leaves no DST.
     """
     src_path = Path(src)
     if os.fspath(src) == "-":
         raise UsageError("SRC '-' (standard input) is not supported; name a checkpoint file.")
     if not src_path.exists():
         raise UsageError(f"SRC '{src}' does not exist.")
+    selection = make_selection(layers=layers, exclude=exclude, drop=drop, rename=rename,
+                               rules=rules, preset=preset, model=model)
     output = resolve_output(src_path, dst, target, fmt=format, max_shard_size=max_shard_size,
                             overwrite=overwrite)
-    if not dry_run:
-        _check_paths(src_path, output)
+    if output.format != "onnx" and (opset is not None or external_data or input_shape):
+        raise UsageError("--opset, --external-data and --input-shape apply to ONNX output "
+                         "only (-o FILE.onnx).")
+    with open_checkpoint(src_path, state_dict_key=state_dict_key,
+                         allow_globals=allow_global) as ckpt:
+        plan = plan_conversion(ckpt, target, selection)
+        plan = plan_output(plan, source_facts(ckpt), output,
+                           whole_model=bool(model and input_shape), external_data=external_data)
+        assert plan.output is not None
+        report = ConversionReport(str(src_path), str(plan.output.display), target, plan,
+                                  dry_run, files=[str(f.path) for f in plan.output.files],
+                                  warnings=[*getattr(ckpt, "notes", []), *plan.warnings])
+        if dry_run:
+            return report
         if verify:
             _import_torch_in_background()
             if device != "cpu":  # fail fast on a CUDA that is not there (cpu always is)
-                from .equivalence import resolve_device
+                from .verify import resolve_device
 
                 resolve_device(device)
-    with open_checkpoint(src_path, state_dict_key=state_dict_key,
-                         allow_globals=allow_global) as ckpt:
-        plan = plan_conversion(ckpt, target, layers=layers, exclude=exclude, drop=drop,
-                               rename=rename, rules=rules, preset=preset, model=model)
-        report = ConversionReport(str(src_path), str(output.path), target, plan, dry_run,
-                                  warnings=[*getattr(ckpt, "notes", []), *plan.warnings])
-        if output.format == "safetensors" and getattr(ckpt, "extras", None):
-            report.warnings.append(
-                f"'{src_path}' is a training checkpoint; its entries "
-                f"{', '.join(repr(e) for e in ckpt.extras[:6])} are not kept in safetensors "
-                "(write .pt to keep them).")
-        if dry_run:
-            return report
         if output.format == "onnx":
             from .onnx_export import write_onnx
 
-            result = write_onnx(plan, ckpt, output, report, model=model,
-                                input_shape=input_shape, input_dtype=input_dtype, opset=opset,
-                                external_data=external_data, verify=verify)
+            result = write_onnx(plan, ckpt, model=model, input_shape=input_shape,
+                                input_dtype=input_dtype, opset=opset, verify=verify)
             return _finish_report(report, result)
-        if opset is not None or external_data or input_shape:
-            raise UsageError("--opset, --external-data and --input-shape apply to ONNX output "
-                             "only (-o FILE.onnx).")
 
         def check(paths: list[Path]) -> None:
-            from .equivalence import pairs_from_plan, verify_checkpoints
+            from .verify import pairs_from_plan, verify_checkpoints
 
             with open_written(paths, output.format, output.path, state_dict_key=state_dict_key,
                               allow_globals=allow_global) as written:
@@ -253,9 +125,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
                     dst_layout=target, pairing="the plan", device=device)
             report.verification.raise_if_different()
 
-        result = apply_plan(plan, ckpt, output, check if verify else None)
-        if output.folder and ckpt.folder is not None:
-            _copy_side_files(ckpt.folder, output.path, ckpt, overwrite)
+        result = apply_plan(plan, ckpt, check if verify else None)
     return _finish_report(report, result)
 
 
@@ -266,6 +136,8 @@ def _finish_report(report: ConversionReport, result: Any) -> ConversionReport:
     report.source_sha256 = result.source_sha256
     report.seconds = result.seconds
     report.warnings += result.warnings
+    if result.verification is not None:
+        report.verification = result.verification
     return report
 
 
@@ -276,26 +148,6 @@ def _import_torch_in_background() -> None:
 
     if "torch" not in sys.modules:
         threading.Thread(target=__import__, args=("torch",), daemon=True).start()
-
-
-def _copy_side_files(src_folder: Path, dst_folder: Path, ckpt: Checkpoint,
-                     overwrite: bool) -> None:
-    """Copy a folder source's other files (config.json, tokenizer files) beside the output."""
-    skip = {p.resolve() for p in ckpt.files}
-    for p in sorted(src_folder.iterdir()):
-        if (not p.is_file() or p.name.startswith(".") or p.resolve() in skip
-                or p.name.endswith(".index.json") or p.suffix.lower() in CHECKPOINT_SUFFIXES):
-            continue
-        dst = dst_folder / p.name
-        if dst.exists() and not overwrite:
-            continue
-        tmp = partial_path(dst)
-        try:
-            shutil.copyfile(p, tmp)
-            os.replace(tmp, dst)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise output_error(dst, e) from e
 
 
 def to_linear(src: str | Path, dst: str | Path | None = None, **options: Any) -> ConversionReport:
@@ -324,7 +176,7 @@ def verify(src: str | Path, dst: str | Path, *, layers: Sequence[str] = (),
     Pairs come from DST's provenance, else the selection options, else names and transposed
     shapes. With `source_model` and `target_model` the two models are compared whole.
     """
-    from .equivalence import pair_keys, verify_checkpoints, verify_models
+    from .verify import pair_keys, verify_checkpoints, verify_models
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
@@ -339,7 +191,7 @@ def verify(src: str | Path, dst: str | Path, *, layers: Sequence[str] = (),
                                preset=preset, model=model)
     src_key = state_dict_key if source_kind(Path(src)) == "pt" else None
     if Path(dst).suffix.lower() == ".onnx":
-        from .equivalence import verify_onnx_layers
+        from .verify import verify_onnx_layers
 
         with open_checkpoint(src, state_dict_key=src_key, allow_globals=allow_global) as s:
             return verify_onnx_layers(s, Path(dst), seed=seed, batch_size=batch_size,

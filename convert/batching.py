@@ -139,7 +139,7 @@ def _is_output(p: Path) -> bool:
 
 
 def _default_name(src: Path, layout: Layout, fmt: str | None) -> str:
-    from .api import resolve_output
+    from .plan import resolve_output
 
     return resolve_output(src, None, layout, fmt=fmt).path.name
 

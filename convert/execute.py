@@ -11,36 +11,28 @@ provenance is patched in at the end.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .checkpoint import Checkpoint, TorchCheckpoint
-from .dtypes import DTYPES
-from .errors import CorruptInputError, UsageError
+from .dtypes import DTYPES, nbytes_of
+from .errors import CorruptInputError
 from .formats import safetensors as st
-from .formats.atomic import AtomicFile
+from .formats.atomic import AtomicFile, output_error, partial_path
+from .formats.safetensors import read_range
 from .plan import Plan
 from .provenance import METADATA_KEY, SHA_PLACEHOLDER, Provenance
 
 TILE = 64
 COPY_CHUNK = 8 << 20
 _UINT = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
-
-
-@dataclass(frozen=True)
-class Output:
-    """Where and how to write: a `.safetensors` file, a sharded set, or a `.pt` file."""
-
-    path: Path
-    format: str  # "safetensors" or "pt"
-    overwrite: bool = False
-    max_shard_size: int | None = None  # set: sharded safetensors
-    folder: bool = False  # path is a folder: Hugging Face names inside it
 
 
 @dataclass
@@ -53,6 +45,7 @@ class ExecutionResult:
     source_sha256: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    verification: Any = None  # the VerifyReport of a verified ONNX write
 
 
 def sha256_files(files: tuple[Path, ...]) -> str:
@@ -106,10 +99,10 @@ def transpose_bytes(src: Any, rows: int, cols: int, itemsize: int, out: bytearra
 
 
 def provenance_for(plan: Plan, ckpt: Checkpoint, sha: str = SHA_PLACEHOLDER) -> Provenance:
-    """The record a safetensors output carries."""
+    """The record a safetensors or ONNX output carries."""
     return Provenance(
         layout=plan.layout,
-        keys={a.target: (a.source, a.transpose) for a in plan.written},
+        keys={e.key: (e.source, e.transpose) for e in plan.entries},
         dropped=plan.dropped,
         source_name=ckpt.path.name,
         source_sha256=sha,
@@ -122,203 +115,100 @@ def provenance_for(plan: Plan, ckpt: Checkpoint, sha: str = SHA_PLACEHOLDER) -> 
 BeforeCommit = Callable[[list[Path]], None]
 
 
-def apply_plan(plan: Plan, ckpt: Checkpoint, output: Output,
+def apply_plan(plan: Plan, ckpt: Checkpoint,
                before_commit: BeforeCommit | None = None) -> ExecutionResult:
-    """Write what PLAN says, tensor by tensor, to OUTPUT; publish it only when complete.
+    """Write what PLAN says (its entries, into the files of its output plan), tensor by tensor;
+    publish them only when complete.
 
     BEFORE_COMMIT, if given, gets the fsynced temporary files (in output order) and may raise
     to stop the publication (verify-after-convert); nothing is left behind then.
 
     Raises:
-        UsageError: something the output format cannot hold.
         CorruptInputError: the source changed or could not be read.
         OutputError: the destination could not be written.
     """
+    if plan.output is None:
+        raise RuntimeError("apply_plan needs a plan with its output planned (plan_output)")
     start = time.perf_counter()
-    if output.format == "pt":
-        result = _write_pt(plan, ckpt, output, before_commit)
+    if plan.output.format == "pt":
+        result = _write_pt(plan, ckpt, before_commit)
     else:
-        result = _write_safetensors(plan, ckpt, output, before_commit)
+        result = _write_safetensors(plan, ckpt, before_commit)
+    if plan.output.side_files:
+        copy_side_files(plan.output.side_files)
     result.seconds = time.perf_counter() - start
     return result
 
 
-# --- safetensors ----------------------------------------------------------------------------
-
-def _shard_names(output: Output, n: int) -> tuple[list[Path], Path]:
-    if output.folder:
-        folder, stem = output.path, "model"
-    else:
-        folder, stem = output.path.parent, output.path.name.removesuffix(".safetensors")
-    names = [folder / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    return names, folder / f"{stem}.safetensors.index.json"
-
-
-def split_shards(sizes: list[int], max_size: int) -> list[list[int]]:
-    """Indices grouped into shards of at most MAX_SIZE bytes (a bigger tensor gets its own)."""
-    shards: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    for i, n in enumerate(sizes):
-        if current and total + n > max_size:
-            shards.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += n
-    if current or not shards:
-        shards.append(current)
-    return shards
+def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any) -> None:
+    """The one loop: each entry's pieces from the source into the sink, transposed where the
+    entry says; untouched tensors the source can hand over as a file range are copied."""
+    largest = max((nbytes_of(e.dtype, e.shape) for e in plan.entries if e.transpose), default=0)
+    inbuf, outbuf = bytearray(largest), bytearray(largest)
+    for e in plan.entries:
+        (piece,) = e.pieces  # stacks and fused parts bring more pieces (issue 14)
+        if piece.transpose:
+            data = ckpt.read_bytes(piece.source, inbuf)
+            rows, cols = piece.shape
+            sink.write(e.key, transpose_bytes(data, rows, cols, DTYPES[e.dtype].itemsize,
+                                              outbuf))
+            ckpt.release(piece.source)
+            continue
+        loc = ckpt.raw_range(piece.source)
+        if loc is not None:
+            sink.copy(e.key, loc[0], loc[1], nbytes_of(e.dtype, e.shape))
+        else:
+            sink.write(e.key, memoryview(ckpt.read_bytes(piece.source, inbuf)))
+            ckpt.release(piece.source)
 
 
-def _write_safetensors(plan: Plan, ckpt: Checkpoint, output: Output,
+def _write_safetensors(plan: Plan, ckpt: Checkpoint,
                        before_commit: BeforeCommit | None) -> ExecutionResult:
-    bad = [a for a in plan.written if a.dtype not in DTYPES]
-    if bad:
-        raise UsageError(f"'{bad[0].source}' is {bad[0].dtype}, which safetensors cannot store; "
-                         "write .pt instead, or --drop it.")
-    non_tensors = list(getattr(ckpt, "non_tensors", {}))
-    if non_tensors:
-        raise UsageError(f"the state dict of '{ckpt.path}' holds non-tensor entries "
-                         f"({', '.join(map(repr, non_tensors[:5]))}) that safetensors cannot "
-                         "store; write .pt instead.")
-    written = list(plan.written)
-    if output.max_shard_size is not None:
-        groups = split_shards([_nbytes(a) for a in written], output.max_shard_size)
-        paths, index_path = _shard_names(output, len(groups))
-        if output.folder:
-            output.path.mkdir(parents=True, exist_ok=True)
-        _remove_stale_shard_partials(index_path)
-    else:
-        groups, paths, index_path = [list(range(len(written)))], [output.path], None
+    out = plan.output
+    assert out is not None
+    by_key = {e.key: e for e in plan.entries}
+    files = [(f.path, [(k, by_key[k].dtype, by_key[k].shape) for k in f.keys])
+             for f in out.tensor_files]
+    if out.folder:
+        out.path.mkdir(parents=True, exist_ok=True)
+    base = dict(out.metadata)
 
-    source_meta = {k: v for k, v in getattr(ckpt, "metadata", {}).items() if k != METADATA_KEY}
-    prov = provenance_for(plan, ckpt)
-    writers = []
+    def metadata_for(prov: Provenance) -> Callable[[list[str]], dict[str, str]]:
+        return lambda keys: {**base, METADATA_KEY: prov.to_json(keys)}
+
     hasher = _Hasher(ckpt.files)
     hasher.start()
-    largest = max((_nbytes(a) for a in written if a.transpose), default=0)
-    inbuf, outbuf = bytearray(largest), bytearray(largest)
-    scratch = bytearray(COPY_CHUNK)
-    try:
-        for idx, path in zip(groups, paths):
-            entries = [(written[i].target, written[i].dtype, written[i].target_shape) for i in idx]
-            meta = {**source_meta, "format": "pt",
-                    METADATA_KEY: prov.to_json([e[0] for e in entries])}
-            w = st.SafetensorsWriter(path, entries, meta, overwrite=output.overwrite)
-            writers.append(w)
-            w.__enter__()
-        for w, idx in zip(writers, groups):
-            _stream_into(w, [written[i] for i in idx], ckpt, inbuf, outbuf, scratch)
+    total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries)
+    with st.SafetensorsSink(files, out.index, metadata_for(provenance_for(plan, ckpt)),
+                            overwrite=out.overwrite) as sink:
+        stream_entries(plan, ckpt, sink)
         sha = hasher.result()
-        prov = provenance_for(plan, ckpt, sha)
-        for w, path in zip(writers, paths):
-            meta = {**source_meta, "format": "pt",
-                    METADATA_KEY: prov.to_json([e[0] for e in w.entries])}
-            w.finish(meta)
-            _check_written(w, path)
+        staged = sink.finish(metadata_for(provenance_for(plan, ckpt, sha)))
         if before_commit is not None:
-            before_commit([w.tmp_path for w in writers])
-        for w in writers:
-            w.commit()
-        if index_path is not None:
-            stale = _shards_named_by(index_path) - {p.name for p in paths}
-            _write_index(index_path, written, groups, paths, output.overwrite)
-            for name in stale:  # an overwritten set that had more shards: drop the leftovers
-                (index_path.parent / name).unlink(missing_ok=True)
-    finally:
-        for w in writers:
-            w.__exit__(None, None, None)
-    files = [*paths, *([index_path] if index_path else [])]
-    total = sum(_nbytes(a) for a in written)
-    return ExecutionResult(files, len(written), total, sha, 0.0, [])
+            before_commit(staged)
+        sink.commit(total)
+    return ExecutionResult([f.path for f in out.files], len(plan.entries), total, sha, 0.0, [])
 
 
-def _nbytes(action: Any) -> int:
-    from .dtypes import nbytes_of
-
-    return nbytes_of(action.dtype, action.shape)
-
-
-def _stream_into(w: st.SafetensorsWriter, actions: list[Any], ckpt: Checkpoint,
-                 inbuf: bytearray, outbuf: bytearray, scratch: bytearray) -> None:
-    run: list[int] = []  # [fd, offset, length] of a pending raw copy
-
-    def flush() -> None:
-        if run:
-            w.copy_from(run[0], run[1], run[2], scratch)
-            run.clear()
-
-    for a in actions:
-        n = _nbytes(a)
-        if a.transpose:
-            flush()
-            data = ckpt.read_bytes(a.source, inbuf)
-            rows, cols = a.shape
-            w.write(transpose_bytes(data, rows, cols, DTYPES[a.dtype].itemsize, outbuf))
-            ckpt.release(a.source)
-            continue
-        loc = ckpt.raw_range(a.source)
-        if loc is None:
-            flush()
-            w.write(memoryview(ckpt.read_bytes(a.source, inbuf)))
-            ckpt.release(a.source)
-        elif run and run[0] == loc[0] and run[1] + run[2] == loc[1]:
-            run[2] += n
-        else:
-            flush()
-            run.extend([loc[0], loc[1], n])
-    flush()
-
-
-def _check_written(w: st.SafetensorsWriter, path: Path) -> None:
-    """Read the written header back: every planned key, shape and dtype, and nothing else."""
-    header = st.read_header(w.tmp_path)
-    want = {name: (dtype, tuple(shape)) for name, dtype, shape in w.entries}
-    have = {name: (r.dtype, r.shape) for name, r in header.tensors.items()}
-    if want != have:
-        raise RuntimeError(f"the header written to {path} does not match its plan "
-                           f"({len(have)} keys written, {len(want)} planned)")
-
-
-def _remove_stale_shard_partials(index_path: Path) -> None:
-    """A killed sharded write leaves `.STEM-0000i-of-0000n.safetensors.partial` files whose n
-    may differ from this run's: remove every one of this output's."""
-    stem = index_path.name.removesuffix(".safetensors.index.json")
-    pattern = f".{stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors.partial"
-    for p in index_path.parent.glob(pattern):
-        p.unlink(missing_ok=True)
-
-
-def _shards_named_by(index_path: Path) -> set[str]:
-    """Shard file names an existing index names (plain names inside its folder only)."""
-    import json
-
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return {n for n in weight_map.values() if isinstance(n, str) and "/" not in n
-            and n.endswith(".safetensors") and not n.startswith(".")}
-
-
-def _write_index(index_path: Path, written: list[Any], groups: list[list[int]],
-                 paths: list[Path], overwrite: bool) -> None:
-    import json
-
-    weight_map = {written[i].target: p.name for idx, p in zip(groups, paths) for i in idx}
-    total = sum(_nbytes(a) for a in written)
-    text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    with AtomicFile(index_path, overwrite=overwrite) as f:
-        f.write((text + "\n").encode())
-        f.commit()
+def copy_side_files(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Copy a folder source's other files (config.json, tokenizer files) beside the output."""
+    for src, dst in pairs:
+        tmp = partial_path(dst)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise output_error(dst, e) from e
 
 
 # --- .pt ------------------------------------------------------------------------------------
 
-def _write_pt(plan: Plan, ckpt: Checkpoint, output: Output,
-              before_commit: BeforeCommit | None) -> ExecutionResult:
-
+def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None) -> ExecutionResult:
     from .formats import torch_pt
+
+    output = plan.output
+    assert output is not None
 
     hasher = _Hasher(ckpt.files)
     hasher.start()
@@ -342,8 +232,8 @@ def _write_pt(plan: Plan, ckpt: Checkpoint, output: Output,
         if before_commit is not None:
             before_commit([f.tmp])
         f.commit(sync=False)
-    total = sum(_nbytes(a) for a in plan.written)
-    return ExecutionResult([output.path], len(plan.written), total, sha, 0.0, warnings)
+    total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries)
+    return ExecutionResult([output.path], len(plan.entries), total, sha, 0.0, warnings)
 
 
 def plan_target(plan: Plan, key: str) -> str:
@@ -430,7 +320,8 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
             a = transposed.get(names.get(idx, ""))
             if a is not None and isinstance(entry, Mapping):
                 entry = {k: (v.detach().t().contiguous()
-                             if getattr(v, "shape", None) is not None and tuple(v.shape) == a.shape
+                             if getattr(v, "shape", None) is not None
+                             and tuple(v.shape) == a.source_shape
                              else v) for k, v in entry.items()}
             new_state[idx] = entry
         new_groups = []
@@ -440,7 +331,7 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
                 g["param_names"] = [by_source[n].target or n for n in g["param_names"]]
             new_groups.append(g)
         return {**opt, "state": new_state, "param_groups": new_groups}, []
-    shapes = {a.shape for a in transposed.values()}
+    shapes = {a.source_shape for a in transposed.values()}
     stale = [str(idx) for idx, entry in state.items() if isinstance(entry, Mapping) and any(
         tuple(getattr(v, "shape", ())) in shapes for v in entry.values())]
     if not stale:
@@ -454,24 +345,19 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
 # --- bytes for other writers (ONNX) ---------------------------------------------------------
 
 def written_bytes(plan: Plan, ckpt: Checkpoint, keys: set[str]) -> Any:
-    """Yield (action, bytes) for the written keys in KEYS, transposed where the plan says."""
-    from .dtypes import nbytes_of
+    """Yield (entry, bytes) for the entries of KEYS, made as the plan says (for ONNX)."""
+    class Collect:
+        def write(self, key: str, data: Any) -> None:
+            self.data = bytes(data)
 
-    largest = max((_nbytes(a) for a in plan.written if a.transpose and a.target in keys),
-                  default=0)
-    inbuf, outbuf = bytearray(largest), bytearray(largest)
-    for a in plan.written:
-        if a.target not in keys:
-            continue
-        if a.transpose:
-            data = ckpt.read_bytes(a.source, inbuf)
-            rows, cols = a.shape
-            out = bytes(transpose_bytes(data, rows, cols, DTYPES[a.dtype].itemsize, outbuf))
-        else:
-            out = bytes(memoryview(ckpt.read_bytes(a.source,
-                                                   bytearray(nbytes_of(a.dtype, a.shape)))))
-        ckpt.release(a.source)
-        yield a, out
+        def copy(self, key: str, fd: int, offset: int, length: int) -> None:
+            self.data = read_range(fd, offset, length)
+
+    sink = Collect()
+    for e in plan.entries:
+        if e.key in keys:
+            stream_entries(replace(plan, entries=(e,)), ckpt, sink)
+            yield e, sink.data
 
 
 def converted_state_dict(plan: Plan, ckpt: Checkpoint) -> dict[str, Any]:

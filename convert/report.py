@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .plan import Plan
+from .plan import OutputPlan, Plan
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -30,13 +30,27 @@ def render_plan(plan: Plan) -> str:
     rows = []
     for a in plan.actions:
         target = "-" if a.dropped else ("=" if a.target == a.source else a.target)
-        shape = _shape(a.shape) + (f" -> {_shape(a.target_shape)}" if a.transpose else "")
+        shape = _shape(a.source_shape) + (f" -> {_shape(a.target_shape)}" if a.transpose
+                                          else "")
         rows.append([a.action, a.source, target, shape, a.dtype, a.reason])
     n_t, n_d = len(plan.transposed), len(plan.dropped)
     head = (f"plan: {plan.layout.command} '{plan.source}': {len(plan.actions)} keys, "
             f"{n_t} transposed, {n_d} dropped, {len(plan.actions) - n_t - n_d} kept"
             + (" (reversing its provenance)" if plan.from_provenance else ""))
-    return head + "\n" + table(["action", "key", "target", "shape", "dtype", "reason"], rows)
+    text = head + "\n" + table(["action", "key", "target", "shape", "dtype", "reason"], rows)
+    return text + ("\n" + render_output(plan.output) if plan.output else "")
+
+
+def render_output(out: OutputPlan) -> str:
+    """The output plan: every file the run writes, with what it holds."""
+    how = (f"sharded at {out.max_shard_size} bytes" if out.sharded else
+           "external data" if out.external_data else "one file")
+    rows = [[f.role, str(f.path), str(len(f.keys)) if f.keys else "-", str(f.nbytes)]
+            for f in out.files]
+    rows += [["copied", str(dst), "-", "-"] for _, dst in out.side_files]
+    head = (f"output: {out.format} '{out.display}' ({how}, {len(rows)} files"
+            + (", replacing what exists" if out.overwrite else "") + ")")
+    return head + "\n" + table(["file", "path", "keys", "bytes"], rows)
 
 
 def render_inspect(report: Any) -> str:

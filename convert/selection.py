@@ -11,11 +11,14 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from fnmatch import fnmatchcase
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .errors import UsageError
@@ -223,20 +226,41 @@ def make_selection(*, layers: tuple[str, ...] | list[str] = (),
 
 # --- evidence -------------------------------------------------------------------------------
 
-_BIAS_OF = {"weight": ("bias",), "W": ("b",), "kernel": ("bias",)}
+class Role(Enum):
+    """What a sibling of a weight is to it (the companions of quantized layers join here)."""
+
+    BIAS = "bias"
+
+
+# One table: for a weight's last name part, its siblings' last name parts and their roles.
+# Selection (bias evidence), planning and verification (the layer's bias) all read it.
+SIBLING_ROLES: Mapping[str, tuple[tuple[str, Role], ...]] = MappingProxyType({
+    "weight": (("bias", Role.BIAS),),
+    "W": (("b", Role.BIAS),),
+    "kernel": (("bias", Role.BIAS),),
+})
+
+
+def siblings(key: str, role: Role) -> tuple[str, ...]:
+    """The keys that would be KEY's siblings of ROLE (`P.weight` -> `P.bias`)."""
+    prefix, dot, leaf = key.rpartition(".")
+    return tuple(f"{prefix}{dot}{name}" for name, r in SIBLING_ROLES.get(leaf, ()) if r is role)
+
+
+def bias_key(key: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """KEY's 1-D bias sibling present in SHAPES, if any."""
+    return next((b for b in siblings(key, Role.BIAS) if len(shapes.get(b, ())) == 1), None)
 
 
 def bias_evidence(key: str, shape: tuple[int, ...],
-                  shapes: dict[str, tuple[int, ...]]) -> tuple[Layout, str] | None:
+                  shapes: Mapping[str, tuple[int, ...]]) -> tuple[Layout, str] | None:
     """The layout a 2-D weight's 1-D bias sibling proves, with the reason; None if it proves none.
 
     `P.weight` (or `P.W`, `P.kernel`) with `P.bias` (or `P.b`) of length `shape[1] != shape[0]`
     is param (in x out); of length `shape[0] != shape[1]`, linear (out x in).
     """
-    prefix, dot, leaf = key.rpartition(".")
     rows, cols = shape
-    for bias_leaf in _BIAS_OF.get(leaf, ()):
-        bias_key = f"{prefix}{dot}{bias_leaf}"
+    for bias_key in siblings(key, Role.BIAS):
         b = shapes.get(bias_key)
         if b is None or len(b) != 1:
             continue

@@ -39,7 +39,7 @@ class TorchTwin(nn.Module):
 
 def _close(actual: torch.Tensor, expected: np.ndarray) -> None:
     """Within the verification tolerances (float32, whole model: sqrt(in) = 1)."""
-    from convert.equivalence import compare_outputs, tolerance_for
+    from convert.verify import compare_outputs, tolerance_for
 
     rtol, atol = tolerance_for("F32", None, None)
     ok, max_abs, *_ = compare_outputs(actual.detach(), torch.tensor(np.array(expected)),

@@ -55,7 +55,7 @@ def test_param_weight_with_bias_is_transposed_to_linear():
     acts = by_source(plan)
     w, b = acts["fc.weight"], acts["fc.bias"]
     assert w.transpose and w.action == "transpose"
-    assert w.shape == (IN, OUT) and w.target_shape == (OUT, IN)
+    assert w.source_shape == (IN, OUT) and w.target_shape == (OUT, IN)
     assert "bias evidence" in w.reason
     assert not b.transpose and b.target_shape == (OUT,)
     assert [a.source for a in plan.transposed] == ["fc.weight"]

@@ -73,7 +73,7 @@ def test_copy_fallback_writes_the_same_bytes(tmp_path, monkeypatch):
     sd = _checkpoint()
     save_file(sd, str(tmp_path / "a.safetensors"))
     convert.to_linear(tmp_path / "a.safetensors", tmp_path / "fast.safetensors")
-    monkeypatch.setattr(st_format, "_copy_file_range_ok", False)
+    monkeypatch.setattr(st_format, "USE_COPY_FILE_RANGE", False)
     convert.to_linear(tmp_path / "a.safetensors", tmp_path / "slow.safetensors")
     assert (tmp_path / "fast.safetensors").read_bytes() == \
         (tmp_path / "slow.safetensors").read_bytes()

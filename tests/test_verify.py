@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert
-from convert.equivalence import compare_outputs
+from convert.verify import compare_outputs
 from tests.conftest import FIXTURES
 
 MODELS = FIXTURES / "models.py"
@@ -240,3 +240,14 @@ def test_pt_output_is_verified_from_disk(fixture_dir):
     report = convert.to_linear(fixture_dir / "training.pt", fixture_dir / "t.pt")
     assert report.verification.equivalent
     assert report.verification.destination == str(fixture_dir / "t.pt")
+
+
+def test_verify_stays_the_api_function_beside_the_verify_package():
+    """`convert.verify` is the API function, even once the package's submodules are loaded."""
+    import convert.api
+    from convert.verify import layers, models, onnx, pairing, report
+
+    assert all(m.__name__.startswith("convert.verify.")
+               for m in (layers, models, onnx, pairing, report))
+    assert callable(convert.verify) and convert.verify.__module__ == "convert.api"
+    assert convert.api.verify is convert.verify

@@ -244,3 +244,12 @@ def export_model(model: Any, inputs: Sequence[Any], dst: Path, *, opset: int, ex
         return publish(stage, dst, overwrite=overwrite, before_commit=before_commit), dynamic
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def initializer_bytes(init: Any) -> bytes:
+    """An initializer's tensor data as bytes: its `raw_data`, else its typed fields packed."""
+    if init.raw_data:
+        return init.raw_data
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(init).tobytes()

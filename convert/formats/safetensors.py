@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -257,11 +257,12 @@ class SafetensorsWriter:
         """Append raw tensor bytes."""
         self._write_all(data)
 
-    def copy_from(self, src_fd: int, offset: int, length: int, scratch: bytearray) -> None:
+    def copy_from(self, src_fd: int, offset: int, length: int, scratch: bytearray,
+                  kernel: list[bool]) -> None:
         """Append LENGTH bytes of SRC_FD from OFFSET without decoding them."""
         try:
             while length:
-                n = _copy_range(src_fd, self._file.fd, offset, length, scratch)
+                n = _copy_range(src_fd, self._file.fd, offset, length, scratch, kernel)
                 if n == 0:
                     raise OutputError(f"cannot write '{self.dst}': the source ended early.")
                 offset += n
@@ -293,13 +294,14 @@ class SafetensorsWriter:
         self._file.commit(sync=False)
 
 
-_copy_file_range_ok = hasattr(os, "copy_file_range")
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, scratch: bytearray,
+                kernel: list[bool]) -> int:
+    """Copy up to LENGTH bytes at OFFSET to DST_FD's position; returns how many were copied.
 
-
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, scratch: bytearray) -> int:
-    """Copy up to LENGTH bytes at OFFSET to DST_FD's position; returns how many were copied."""
-    global _copy_file_range_ok
-    if _copy_file_range_ok:
+    KERNEL holds one flag: whether `copy_file_range` is worth trying (cleared where the file
+    systems refuse it, so the fallback is taken at once from then on).
+    """
+    if kernel[0]:
         try:
             return os.copy_file_range(src_fd, dst_fd, min(length, 1 << 30), offset)
         except OSError as e:
@@ -308,7 +310,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, scratch: byt
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
                                errno.EPERM):
                 raise
-            _copy_file_range_ok = False
+            kernel[0] = False
     view = memoryview(scratch)[: min(length, len(scratch))]
     n = os.preadv(src_fd, [view], offset)
     out = view[:n]
@@ -316,6 +318,114 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, scratch: byt
         w = os.write(dst_fd, out)
         out = out[w:]
     return n
+
+
+COPY_CHUNK = 8 << 20
+USE_COPY_FILE_RANGE = hasattr(os, "copy_file_range")  # each sink learns for itself if it fails
+
+
+class SafetensorsSink:
+    """Writes the tensor files of an output plan (one file, or shards and their index).
+
+    Every file is written under a temporary name in plan order; `write` and `copy` take the
+    next destination key's bytes (raw copies of adjacent source ranges are merged into one
+    `copy_file_range`); `finish` patches each header with its final metadata and fsyncs;
+    `commit` publishes the shards, then the index, then removes an overwritten set's extra
+    shards. Leaving the context without `commit` leaves nothing behind.
+    """
+
+    def __init__(self, files: Sequence[tuple[Path, list[tuple[str, str, tuple[int, ...]]]]],
+                 index: Path | None, metadata_for: Callable[[list[str]], dict[str, str]], *,
+                 overwrite: bool):
+        self.index = index
+        self.overwrite = overwrite
+        self.writers = [SafetensorsWriter(path, entries, metadata_for([e[0] for e in entries]),
+                                          overwrite=overwrite) for path, entries in files]
+        self._file_of = {e[0]: i for i, (_, entries) in enumerate(files) for e in entries}
+        self._current = 0
+        self._run: list[int] = []  # [fd, offset, length] of a pending raw copy
+        self._scratch = bytearray(COPY_CHUNK)
+        self._kernel = [USE_COPY_FILE_RANGE]
+        self._entered: list[SafetensorsWriter] = []
+
+    def __enter__(self) -> SafetensorsSink:
+        if self.index is not None:
+            from .sharded import remove_stale_partials
+
+            remove_stale_partials(self.index)
+        try:
+            for w in self.writers:
+                self._entered.append(w)  # before entering: an interrupt inside still cleans up
+                w.__enter__()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for w in self._entered:
+            w.__exit__(*exc)
+
+    def _switch(self, key: str) -> SafetensorsWriter:
+        i = self._file_of[key]
+        if i != self._current:
+            self._flush()
+            self._current = i
+        return self.writers[i]
+
+    def _flush(self) -> None:
+        if self._run:
+            fd, offset, length = self._run
+            self.writers[self._current].copy_from(fd, offset, length, self._scratch,
+                                                  self._kernel)
+            self._run = []
+
+    def write(self, key: str, data: memoryview | bytes) -> None:
+        """KEY's bytes, in plan order."""
+        w = self._switch(key)
+        self._flush()
+        w.write(data)
+
+    def copy(self, key: str, fd: int, offset: int, length: int) -> None:
+        """KEY's bytes are LENGTH bytes of FD at OFFSET: copied without decoding."""
+        self._switch(key)
+        run = self._run
+        if run and run[0] == fd and run[1] + run[2] == offset:
+            run[2] += length
+        else:
+            self._flush()
+            self._run = [fd, offset, length]
+
+    def finish(self, metadata_for: Callable[[list[str]], dict[str, str]]) -> list[Path]:
+        """Patch every header with its final metadata, check it, fsync; the staged files."""
+        self._flush()
+        for w in self.writers:
+            w.finish(metadata_for([e[0] for e in w.entries]))
+            _check_written(w)
+        return [w.tmp_path for w in self.writers]
+
+    def commit(self, total_size: int) -> None:
+        """Publish the shards, then the index (a crash between leaves the old index)."""
+        for w in self.writers:
+            w.commit()
+        if self.index is not None:
+            from .sharded import shards_named_by, write_index
+
+            stale = shards_named_by(self.index) - {w.dst.name for w in self.writers}
+            weight_map = {e[0]: w.dst.name for w in self.writers for e in w.entries}
+            write_index(self.index, weight_map, total_size, overwrite=self.overwrite)
+            for name in stale:  # an overwritten set that had more shards: drop the leftovers
+                (self.index.parent / name).unlink(missing_ok=True)
+
+
+def _check_written(w: SafetensorsWriter) -> None:
+    """Read the written header back: every planned key, shape and dtype, and nothing else."""
+    header = read_header(w.tmp_path)
+    want = {name: (dtype, tuple(shape)) for name, dtype, shape in w.entries}
+    have = {name: (r.dtype, r.shape) for name, r in header.tensors.items()}
+    if want != have:
+        raise RuntimeError(f"the header written to {w.dst} does not match its plan "
+                           f"({len(have)} keys written, {len(want)} planned)")
 
 
 def read_into(fd: int, offset: int, out: memoryview) -> None:
@@ -326,3 +436,10 @@ def read_into(fd: int, offset: int, out: memoryview) -> None:
             raise CorruptInputError("a checkpoint file shrank while it was being read.")
         out = out[n:]
         offset += n
+
+
+def read_range(fd: int, offset: int, length: int) -> bytes:
+    """LENGTH bytes of FD at OFFSET."""
+    buf = bytearray(length)
+    read_into(fd, offset, memoryview(buf))
+    return bytes(buf)

@@ -121,3 +121,39 @@ def _listing(keys: set[str] | list[str], limit: int = 10) -> str:
     keys = sorted(keys)
     text = ", ".join(f"'{shorten(k)}'" for k in keys[:limit])
     return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+_PARTIAL_SHARD = ("-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]"
+                  ".safetensors.partial")
+
+
+def remove_stale_partials(index_path: Path) -> None:
+    """A killed sharded write leaves `.STEM-0000i-of-0000n.safetensors.partial` files whose n
+    may differ from this run's: remove every one of this output's."""
+    stem = index_path.name.removesuffix(".safetensors.index.json")
+    for p in index_path.parent.glob(f".{stem}{_PARTIAL_SHARD}"):
+        p.unlink(missing_ok=True)
+
+
+def shards_named_by(index_path: Path) -> set[str]:
+    """Shard file names an existing index names (plain names inside its folder only)."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in weight_map.values() if isinstance(n, str) and "/" not in n
+            and n.endswith(".safetensors") and not n.startswith(".")}
+
+
+def write_index(index_path: Path, weight_map: dict[str, str], total_size: int, *,
+                overwrite: bool) -> None:
+    """Hugging Face's index (`metadata.total_size`, `weight_map`), written atomically."""
+    from .atomic import AtomicFile
+
+    text = json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map},
+                      indent=2)
+    with AtomicFile(index_path, overwrite=overwrite) as f:
+        f.write((text + "\n").encode())
+        f.commit()

@@ -1,92 +1,22 @@
-"""The plan: one frozen action per source key, built from names, shapes and dtypes alone.
+"""Deciding the entries: which source tensors are transposed, kept, renamed or dropped.
 
-`build_plan` is the whole decision of a conversion; `--dry-run` prints exactly what it returns
-and the executor consumes exactly that. No tensors here, and no torch.
+`build_plan` is the whole decision of a conversion, from names, shapes and dtypes alone: each
+decision is a `Because` and its evidence. No tensors here, and no torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from .dtypes import DTYPES, is_float_matrix
-from .errors import CorruptInputError, UsageError
-from .layout import Layout
-from .provenance import Provenance
-from .selection import Pattern, ReferenceModel, Selection, bias_evidence
+from ..dtypes import DTYPES, is_float_matrix
+from ..errors import CorruptInputError, UsageError
+from ..layout import Layout
+from ..provenance import Provenance
+from ..selection import Pattern, ReferenceModel, Selection, bias_evidence
+from .entries import Because, Drop, Entry, Piece, Plan
 
-TRANSPOSE, KEEP, DROP = "transpose", "keep", "drop"
-
-
-@dataclass(frozen=True)
-class KeyAction:
-    """What happens to one source key."""
-
-    source: str
-    target: str  # "" when dropped
-    shape: tuple[int, ...]
-    dtype: str
-    transpose: bool
-    reason: str
-    dropped: bool = False
-
-    @property
-    def action(self) -> str:
-        return DROP if self.dropped else TRANSPOSE if self.transpose else KEEP
-
-    @property
-    def target_shape(self) -> tuple[int, ...]:
-        return self.shape[::-1] if self.transpose else self.shape
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "target": self.target or None, "action": self.action,
-                "shape": list(self.shape), "target_shape": list(self.target_shape),
-                "dtype": self.dtype, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Every source key's action, in source order, and what was said about them."""
-
-    source: str
-    layout: Layout
-    actions: tuple[KeyAction, ...]
-    options_hash: str
-    tied: tuple[tuple[str, ...], ...] = ()
-    warnings: tuple[str, ...] = ()
-    from_provenance: bool = False
-    selection: dict[str, Any] = field(default_factory=dict)
-    model_parameters: tuple[str, ...] = ()  # the reference model's parameters, in order
-
-    @property
-    def written(self) -> tuple[KeyAction, ...]:
-        """Actions that produce an output key, in output order."""
-        return tuple(a for a in self.actions if not a.dropped)
-
-    @property
-    def transposed(self) -> tuple[KeyAction, ...]:
-        return tuple(a for a in self.actions if a.transpose)
-
-    @property
-    def dropped(self) -> tuple[str, ...]:
-        return tuple(a.source for a in self.actions if a.dropped)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "layout": self.layout.value,
-            "direction": self.layout.command,
-            "options_hash": self.options_hash,
-            "from_provenance": self.from_provenance,
-            "selection": self.selection,
-            "counts": {TRANSPOSE: len(self.transposed), DROP: len(self.dropped),
-                       KEEP: len(self.actions) - len(self.transposed) - len(self.dropped)},
-            "actions": [a.to_dict() for a in self.actions],
-            "tied": [list(g) for g in self.tied],
-            "warnings": list(self.warnings),
-        }
-
+Decision = tuple[bool | None, Because, str]  # transpose? (None: dropped), why, evidence
 
 SpecLike = Any  # TensorSpec, or a (shape, dtype) pair in tests
 
@@ -139,36 +69,34 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
             f"converting it again would transpose its weights twice; use {target.other.command} "
             "to go back.")
     if provenance is not None and not selection.chooses_layers:
-        decisions, reasons, warnings = _decide_from_provenance(flat, provenance, selection,
-                                                               source)
+        decisions, warnings = _decide_from_provenance(flat, provenance, selection, source)
         names = {k: provenance.keys[k][0] for k in flat}
         from_provenance = True
     else:
-        decisions, reasons, warnings = _decide(flat, target, selection, reference, source)
+        decisions, warnings = _decide(flat, target, selection, reference, source)
         names = {}
         from_provenance = False
 
-    actions, more_warnings = _finish(flat, decisions, reasons, names, selection, reference,
-                                     tied, source)
+    entries, drops, more_warnings = _finish(flat, decisions, names, selection, reference,
+                                            tied, source)
     warnings += more_warnings
-    if not any(a.transpose for a in actions) and not from_provenance:
-        raise UsageError(_nothing_to_transpose(flat, target, reasons, source))
-    return Plan(source, target, tuple(actions), selection.options_hash(target),
-                tuple(tuple(g) for g in tied if len(g) > 1), tuple(warnings), from_provenance,
-                selection.to_dict(), reference.parameters if reference else ())
+    if not any(e.transpose for e in entries) and not from_provenance:
+        raise UsageError(_nothing_to_transpose(decisions, target, source))
+    return Plan(source, target, tuple(entries), tuple(drops), selection.options_hash(target),
+                tuple(flat), tuple(tuple(g) for g in tied if len(g) > 1), tuple(warnings),
+                from_provenance, selection.to_dict(),
+                reference.parameters if reference else ())
 
 
 def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: Provenance,
-                            selection: Selection, source: str) -> tuple[dict[str, bool | None],
-                                                                        dict[str, str],
-                                                                        list[str]]:
-    decisions: dict[str, bool | None] = {}
-    reasons: dict[str, str] = {}
+                            selection: Selection,
+                            source: str) -> tuple[dict[str, Decision], list[str]]:
+    decisions: dict[str, Decision] = {}
     used: set[Pattern] = set()
     for k, (shape, dtype) in flat.items():
         drop = _first(selection.drop, k, used)
         if drop:
-            decisions[k], reasons[k] = None, f"dropped by {drop}"
+            decisions[k] = None, Because.PATTERN, str(drop)
             continue
         entry = prov.keys.get(k)
         if entry is None:
@@ -179,14 +107,12 @@ def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: 
         if transposed and not is_float_matrix(dtype, shape):
             raise CorruptInputError(f"'{source}': provenance says '{k}' was transposed but it is "
                                     f"{_describe(shape, dtype)}.")
-        decisions[k] = transposed
-        reasons[k] = (f"provenance: written from '{was}' "
-                      f"{'transposed' if transposed else 'unchanged'}")
+        decisions[k] = transposed, Because.PROVENANCE, was
     warnings = _unused_patterns(selection.drop, used, source)
     if prov.dropped:
         warnings.append(f"the conversion that wrote '{source}' dropped {_quoted(prov.dropped)}; "
                         "they cannot be restored.")
-    return decisions, reasons, warnings
+    return decisions, warnings
 
 
 def _first(patterns: Sequence[Pattern], key: str, used: set[Pattern]) -> Pattern | None:
@@ -200,11 +126,10 @@ def _first(patterns: Sequence[Pattern], key: str, used: set[Pattern]) -> Pattern
 
 def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, selection: Selection,
             reference: ReferenceModel | None,
-            source: str) -> tuple[dict[str, bool | None], dict[str, str], list[str]]:
-    """key -> True (transpose) / False (keep) / None (dropped), with reasons."""
+            source: str) -> tuple[dict[str, Decision], list[str]]:
+    """key -> (True: transpose / False: keep / None: dropped, because, evidence)."""
     shapes = {k: s for k, (s, _) in flat.items()}
-    decisions: dict[str, bool | None] = {}
-    reasons: dict[str, str] = {}
+    decisions: dict[str, Decision] = {}
     used: set[Pattern] = set()
     warnings: list[str] = []
     errors: list[str] = []
@@ -216,7 +141,7 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
         layer = _first(selection.layers, k, used)
         excl = _first(selection.exclude, k, used)
         if drop:
-            decisions[k], reasons[k] = None, f"dropped by {drop}"
+            decisions[k] = None, Because.PATTERN, str(drop)
             continue
         if not is_float_matrix(dtype, shape):
             if layer and not excl:
@@ -228,7 +153,7 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
                     errors.append(f"{what}: narrow {layer}")
             kind = "not 2-D" if len(shape) != 2 else (
                 "packed or non-float dtype" if dtype in DTYPES else "dtype safetensors lacks")
-            decisions[k], reasons[k] = False, f"{kind}: never transposed"
+            decisions[k] = False, Because.NOT_A_MATRIX, kind
             continue
 
         square = shape[0] == shape[1]
@@ -243,31 +168,31 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
                     errors.append(f"{layer} selects '{k}' but the reference model says {why}")
                 if excl and transpose and not excl.shipped:
                     errors.append(f"{excl} excludes '{k}' but the reference model says {why}")
-                decisions[k], reasons[k] = transpose, f"reference model: {why}"
+                decisions[k] = transpose, Because.REFERENCE_MODEL, why
                 continue
         if excl:
-            decisions[k], reasons[k] = False, f"excluded by {excl}"
+            decisions[k] = False, Because.EXCLUDED, str(excl)
         elif layer:
             if evidence and evidence[0] is target:
                 msg = (f"{layer} selects '{k}' but it is already in the {target} layout "
                        f"({evidence[1]}); transposing it would be a double transpose")
                 if layer.shipped:
                     warnings.append(msg + "; skipped.")
-                    decisions[k], reasons[k] = False, f"bias evidence: {evidence[1]}"
+                    decisions[k] = False, Because.BIAS_EVIDENCE, evidence[1]
                     continue
                 errors.append(msg + "; remove it from the selection")
-            decisions[k], reasons[k] = True, f"selected by {layer}"
+            decisions[k] = True, Because.PATTERN, str(layer)
         elif evidence:
             layout, why = evidence
-            decisions[k] = layout is not target
-            reasons[k] = f"bias evidence: {why}" + ("" if decisions[k] else
-                                                     f"; already {target}")
+            transpose = layout is not target
+            decisions[k] = (transpose, Because.BIAS_EVIDENCE,
+                            why + ("" if transpose else f"; already {target}"))
         elif square:
             ambiguous.append(k)
-            decisions[k], reasons[k] = False, "ambiguous"
+            decisions[k] = False, Because.NO_EVIDENCE, "square"
         else:
             no_evidence.append(k)
-            decisions[k], reasons[k] = False, "no evidence: not a linear weight unless selected"
+            decisions[k] = False, Because.NO_EVIDENCE, ""
 
     warnings += _unused_patterns((*selection.layers, *selection.exclude, *selection.drop), used,
                                  source)
@@ -283,7 +208,7 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
     if no_evidence:
         warnings.append(f"no evidence that {_quoted(no_evidence)} are linear weights (no bias "
                         "sibling); left as they are; select them with --layers if they are.")
-    return decisions, reasons, warnings
+    return decisions, warnings
 
 
 def _unused_patterns(patterns: Sequence[Pattern], used: set[Pattern], source: str) -> list[str]:
@@ -327,21 +252,22 @@ def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, select
     return False, f"square weight owned by {entry.owner} ({entry.layout} layout)"
 
 
-def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, bool | None],
-            reasons: dict[str, str], names: dict[str, str], selection: Selection,
-            reference: ReferenceModel | None, tied: Sequence[Sequence[str]],
-            source: str) -> tuple[list[KeyAction], list[str]]:
+def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Decision],
+            names: dict[str, str], selection: Selection, reference: ReferenceModel | None,
+            tied: Sequence[Sequence[str]],
+            source: str) -> tuple[list[Entry], list[Drop], list[str]]:
     """Apply renames (after NAMES, provenance's original keys), then check collisions, ties
     and the reference model's key set."""
-    actions = []
+    entries: list[Entry] = []
+    drops: list[Drop] = []
     warnings: list[str] = []
     targets: dict[str, str] = {}
     used: set[int] = set()
     errors = []
     for k, (shape, dtype) in flat.items():
-        decision = decisions[k]
-        if decision is None:
-            actions.append(KeyAction(k, "", shape, dtype, False, reasons[k], dropped=True))
+        transpose, because, evidence = decisions[k]
+        if transpose is None:
+            drops.append(Drop(k, shape, dtype, because, evidence))
             continue
         t = names.get(k, k)
         for i, r in enumerate(selection.renames):
@@ -353,7 +279,9 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, b
         elif t in targets:
             errors.append(f"'{targets[t]}' and '{k}' would both be renamed to '{t}'")
         targets[t] = k
-        actions.append(KeyAction(k, t, shape, dtype, bool(decision), reasons[k]))
+        piece = Piece(k, shape, transpose=transpose)
+        entries.append(Entry(t, shape[::-1] if transpose else shape, dtype, (piece,), because,
+                             evidence))
     skipped = []
     for i, r in enumerate(selection.renames):
         if i not in used:
@@ -362,29 +290,29 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, b
             else:
                 errors.append(f"{r} matches no key of '{source}'")
     warnings += _skipped_rules(skipped, source)
-    by_source = {a.source: a for a in actions}
+    by_source = {e.source: e for e in entries}
     for group in tied:
-        live = [by_source[k] for k in group if k in by_source and not by_source[k].dropped]
-        if len({a.transpose for a in live}) > 1:
-            which = ", ".join(f"'{a.source}' ({a.action})" for a in live)
+        live = [by_source[k] for k in group if k in by_source]
+        if len({e.transpose for e in live}) > 1:
+            which = ", ".join(f"'{e.source}' ({e.action})" for e in live)
             errors.append(f"tied keys {which} share one tensor but would need different "
                           "transposes; select or exclude them together")
     if reference is not None:
-        errors += _reference_mismatch(actions, reference)
+        errors += _reference_mismatch(entries, reference)
     if errors:
         raise UsageError("; ".join(errors) + ".")
-    return actions, warnings
+    return entries, drops, warnings
 
 
-def _reference_mismatch(actions: list[KeyAction], ref: ReferenceModel) -> list[str]:
-    produced = {a.target: a for a in actions if not a.dropped}
+def _reference_mismatch(entries: list[Entry], ref: ReferenceModel) -> list[str]:
+    produced = {e.key: e for e in entries}
     missing = [k for k in ref.entries
                if k not in produced and not any(t in produced for t in ref.ties.get(k, ()))]
     unexpected = [t for t in produced if t not in ref.entries]
-    misshapen = [f"'{t}' ({'x'.join(map(str, a.target_shape))}, the model wants "
+    misshapen = [f"'{t}' ({'x'.join(map(str, e.shape))}, the model wants "
                  f"{'x'.join(map(str, ref.entries[t].shape))})"
-                 for t, a in produced.items()
-                 if t in ref.entries and a.target_shape != ref.entries[t].shape]
+                 for t, e in produced.items()
+                 if t in ref.entries and e.shape != ref.entries[t].shape]
     errors = []
     if missing:
         errors.append(f"the reference model '{ref.spec}' expects {_quoted(sorted(missing))}, "
@@ -398,12 +326,10 @@ def _reference_mismatch(actions: list[KeyAction], ref: ReferenceModel) -> list[s
     return errors
 
 
-def _nothing_to_transpose(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout,
-                          reasons: dict[str, str], source: str) -> str:
-    already = [k for k, r in reasons.items() if r.endswith(f"already {target}")
-               or "wants this shape" in r or (r.startswith("reference model:")
-                                              and f"({target.other} layout)" in r)]
-    unproven = [k for k, r in reasons.items() if r.startswith("no evidence")]
+def _nothing_to_transpose(decisions: dict[str, Decision], target: Layout, source: str) -> str:
+    already = [k for k, (t, because, _) in decisions.items()
+               if t is False and because in (Because.BIAS_EVIDENCE, Because.REFERENCE_MODEL)]
+    unproven = [k for k, (_, because, _) in decisions.items() if because is Because.NO_EVIDENCE]
     if already:
         return (f"nothing to transpose in '{source}': its weights are already in the {target} "
                 f"layout ({_quoted(already, 3)}); use {target.other.command} for the other way.")

@@ -1,0 +1,317 @@
+"""Per-layer checks: a converted checkpoint computes the same function as its source.
+
+Each converted weight's `param` side runs in `ParamLinear` (`x @ W + b`) and its `linear` side
+in `nn.Linear` on the same seeded inputs; the weights are also checked for a bit-exact
+transpose, and every other key for bit-exact equality.
+
+Tolerance, per element: `|a - b| <= atol * sqrt(in) + rtol * |b|`, with
+`torch.testing.assert_close`'s per-dtype defaults; `in` is the layer's reduction length (the
+rounding error of a dot product grows about with its square root), 1 in whole-model mode.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from ..dtypes import DTYPES, is_float_matrix
+from ..errors import UsageError
+from ..layout import Layout
+from .pairing import Pair
+from .report import CheckResult, VerifyReport
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+
+# (rtol, atol): torch.testing.assert_close's defaults, by the dtype the forward pass runs in.
+DEFAULT_TOLERANCES = {
+    "F64": (1e-7, 1e-7),
+    "F32": (1.3e-6, 1e-5),
+    "F16": (1e-3, 1e-5),
+    "BF16": (1.6e-2, 1e-5),
+}
+# Per-layer forward passes run in float32 for half and float8 weights: the upcast is exact, so
+# the check measures the weights, not how two half-precision kernels round (x @ W and
+# F.linear differ by an fp16 ulp at binade edges, far past fp16's default atol of 1e-5).
+_COMPUTE_DTYPE = {"F64": "F64", "F32": "F32", "F16": "F32", "BF16": "F32",
+                  "F8_E4M3": "F32", "F8_E5M2": "F32"}
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """No TF32 on CUDA while checking: float32 matmuls and convolutions in IEEE precision."""
+    import torch
+
+    backends = [torch.backends.cuda.matmul, torch.backends.cudnn, torch.backends.cudnn.conv]
+    saved = [getattr(b, "fp32_precision", None) for b in backends]
+    try:
+        for b in backends:
+            if hasattr(b, "fp32_precision"):
+                b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, value in zip(backends, saved):
+            if value is not None:
+                b.fp32_precision = value
+
+
+def resolve_device(device: str) -> Any:
+    """A torch.device, or exit 2 if it is not available here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device '{device}' is not a device (use cpu, cuda or cuda:N).") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine; use "
+                             "--device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device '{device}' is not supported (use cpu, cuda or cuda:N).")
+    return dev
+
+
+def tolerance_for(dtype: str, atol: float | None, rtol: float | None) -> tuple[float, float]:
+    """(rtol, atol) for outputs of DTYPE, with the user's overrides."""
+    d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["F32"])
+    return (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
+
+
+def compare_outputs(actual: Any, expected: Any, n: int, rtol: float,
+                    atol: float) -> tuple[bool, float, float, float, str]:
+    """Per element `|a - b| <= atol*sqrt(n) + rtol*|b|`; NaN and Inf by position.
+
+    Returns (passed, max_abs_err, rel_err, atol_needed, message).
+    """
+    import torch
+
+    a = actual.detach().to("cpu", torch.float64)
+    b = expected.detach().to("cpu", torch.float64)
+    if a.shape != b.shape:
+        return False, math.inf, math.inf, math.inf, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return False, math.inf, math.inf, math.inf, "NaN at different positions"
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    if not torch.equal(inf_a, inf_b) or not torch.equal(a[inf_a], b[inf_b]):
+        return False, math.inf, math.inf, math.inf, "Inf at different positions or signs"
+    finite = torch.isfinite(b)
+    a, b = a[finite], b[finite]
+    if a.numel() == 0:
+        return True, 0.0, 0.0, 0.0, ""
+    diff = (a - b).abs()
+    scale = math.sqrt(max(n, 1))
+    allowed = atol * scale + rtol * b.abs()
+    passed = bool((diff <= allowed).all())
+    max_abs = float(diff.max())
+    norm = float(b.norm())
+    rel = float((a - b).norm()) / norm if norm else (0.0 if max_abs == 0 else math.inf)
+    needed = float(((diff - rtol * b.abs()).clamp(min=0) / scale).max())
+    message = "" if passed else (f"max abs error {max_abs:.3g} exceeds atol {atol:g}*sqrt({n}) "
+                                 f"+ rtol {rtol:g}*|b| (would pass with atol {needed:.3g})")
+    return passed, max_abs, rel, needed, message
+
+
+def _bits(t: Any) -> Any:
+    """T's bytes as an integer tensor, for bit-exact comparison (NaN == NaN, -0 != 0)."""
+    import torch
+
+    t = t.detach().contiguous()
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+_INT_VIEW = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _transposed_bits_equal(w_src: Any, w_dst: Any) -> bool:
+    """Whether W_DST is W_SRC transposed bit for bit, through same-width integer views (no
+    transposed copy; NaN == NaN, -0 != 0)."""
+    import torch
+
+    view = getattr(torch, _INT_VIEW[w_src.element_size()])
+    return bool(torch.equal(w_src.view(view).t(), w_dst.view(view)))
+
+CHUNK = 8 << 20
+
+
+def _bytes_equal(src: Checkpoint, a_key: str, dst: Checkpoint, b_key: str,
+                 nbytes: int) -> bool | None:
+    """Compare two tensors' bytes on disk in chunks (None if either is not a plain file range)."""
+    import numpy as np
+
+    from ..formats.safetensors import read_into
+
+    a_loc, b_loc = src.raw_range(a_key), dst.raw_range(b_key)
+    if a_loc is None or b_loc is None:
+        return None
+    buf_a, buf_b = bytearray(min(CHUNK, nbytes)), bytearray(min(CHUNK, nbytes))
+    done = 0
+    while done < nbytes:
+        n = min(CHUNK, nbytes - done)
+        read_into(a_loc[0], a_loc[1] + done, memoryview(buf_a)[:n])
+        read_into(b_loc[0], b_loc[1] + done, memoryview(buf_b)[:n])
+        if not np.array_equal(np.frombuffer(buf_a, np.uint8, n), np.frombuffer(buf_b, np.uint8, n)):
+            return False
+        done += n
+    return True
+
+
+def _compare_exact(pair: Pair, src: Checkpoint, dst: Checkpoint) -> CheckResult:
+    """Same dtype, shape and bytes; large tensors are compared on disk, chunk by chunk."""
+    s, d = src.specs[pair.source], dst.specs[pair.target]
+    src_dtype, dst_dtype = s.dtype, d.dtype
+    res = CheckResult(pair.target, pair.source, "tensor", True, dst_dtype, d.shape)
+    if src_dtype != dst_dtype:
+        res.passed, res.message = False, f"dtype changed from {src_dtype} to {dst_dtype}"
+    elif s.shape != d.shape:
+        res.passed, res.message = False, f"shape changed from {s.shape} to {d.shape}"
+    else:
+        res.bit_exact = _bytes_equal(src, pair.source, dst, pair.target, s.nbytes)
+        a = b = None
+        if res.bit_exact is None:
+            a, b = src.tensor(pair.source), dst.tensor(pair.target)
+            res.bit_exact = bool(_bits(a).equal(_bits(b)))
+        if not res.bit_exact:
+            if a is None:
+                a, b = src.tensor(pair.source), dst.tensor(pair.target)
+            res.passed = False
+            res.message = "not bit-exact"
+            if DTYPES.get(src_dtype) is not None and DTYPES[src_dtype].is_float:
+                import torch
+
+                diff = (a.double() - b.double()).abs()
+                diff = diff[torch.isfinite(diff)]
+                res.max_abs_err = float(diff.max()) if diff.numel() else math.inf
+                res.message = f"not bit-exact (max abs difference {res.max_abs_err:.3g})"
+    return res
+
+
+def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
+                  bias_pairs: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
+                  device: Any, batch_size: int, seed: int, atol: float | None,
+                  rtol: float | None) -> CheckResult:
+    """One linear layer: ParamLinear on the param side vs nn.Linear on the linear side.
+
+    SHAPES maps SRC's keys to their shapes (to find the layer's bias).
+    """
+    import torch
+    from torch import nn
+
+    from ..modules import ParamLinear
+    from ..selection import bias_key
+
+    s_spec, d_spec = src.specs[pair.source], dst.specs[pair.target]
+    res = CheckResult(pair.target, pair.source, "layer", True, d_spec.dtype, d_spec.shape)
+    if s_spec.dtype != d_spec.dtype:
+        res.passed, res.message = False, (f"dtype changed from {s_spec.dtype} to "
+                                          f"{d_spec.dtype}")
+        return res
+    if d_spec.shape != s_spec.shape[::-1]:
+        res.passed, res.message = False, (f"shape {d_spec.shape} is not the transpose of "
+                                          f"{s_spec.shape}")
+        return res
+    w_src, w_dst = src.tensor(pair.source), dst.tensor(pair.target)
+    res.bit_exact = _transposed_bits_equal(w_src, w_dst)
+
+    src_bias_key = bias_key(pair.source, shapes)
+    dst_bias_key = bias_pairs.get(src_bias_key) if src_bias_key else None
+    b_src = src.tensor(src_bias_key) if src_bias_key else None
+    b_dst = dst.tensor(dst_bias_key) if dst_bias_key and dst_bias_key in dst.specs else None
+    w_param, b_param, w_lin, b_lin = ((w_src, b_src, w_dst, b_dst) if src_param
+                                      else (w_dst, b_dst, w_src, b_src))
+    compute = _COMPUTE_DTYPE.get(s_spec.dtype, "F32")
+    tdtype = getattr(torch, DTYPES[compute].torch_name)
+    in_f, out_f = w_param.shape
+    bias_ok = (b_param is None or b_param.shape == (out_f,)) and (
+        b_lin is None or b_lin.shape == (out_f,))
+    if (b_param is None) != (b_lin is None) or not bias_ok:
+        res.passed, res.message = False, "bias missing or misshapen on one side"
+        return res
+    if in_f == 0 or out_f == 0:  # nothing to compute: the bit-exact check is the whole story
+        res.passed = res.bit_exact
+        res.message = "" if res.passed else "weight is not the bit-exact transpose of its source"
+        return res
+    has_bias = b_param is not None
+    param = ParamLinear(in_f, out_f, bias=has_bias, device="meta")
+    linear = nn.Linear(in_f, out_f, bias=has_bias, device="meta")
+
+    def load(module: nn.Module, w: Any, b: Any) -> None:
+        sd = {"weight": w.to(device, tdtype)}
+        if b is not None:
+            sd["bias"] = b.to(device, tdtype)
+        module.load_state_dict(sd, assign=True)
+
+    load(param, w_param, b_param)
+    load(linear, w_lin, b_lin)
+    gen = torch.Generator().manual_seed(seed + zlib.crc32(pair.target.encode()))
+    x = torch.randn(batch_size, in_f, generator=gen, dtype=torch.float64).to(device, tdtype)
+    with torch.no_grad(), ieee_float32():
+        y_param, y_lin = param(x), linear(x)
+    expected, actual = (y_param, y_lin) if src_param else (y_lin, y_param)
+    r_tol, a_tol = tolerance_for(compute, atol, rtol)
+    passed, res.max_abs_err, res.rel_err, res.atol_needed, msg = compare_outputs(
+        actual, expected, in_f, r_tol, a_tol)
+    if not res.bit_exact:
+        passed, msg = False, ("weight is not the bit-exact transpose of its source"
+                              + (f"; {msg}" if msg else ""))
+    res.passed, res.message = passed, msg
+    return res
+
+
+def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair],
+                       dropped: set[str] = frozenset(), dst_layout: Layout | None = None,
+                       pairing: str = "", device: str = "cpu", batch_size: int = 8,
+                       seed: int = 0, atol: float | None = None,
+                       rtol: float | None = None) -> VerifyReport:
+    """Check DST against SRC pair by pair; keys that pair with nothing are differences."""
+    from ..selection import bias_evidence
+
+    dev = resolve_device(device)
+    report = VerifyReport(str(src.path), str(dst.path), str(dev), "plan", pairing,
+                          seed=seed, batch_size=batch_size, atol=atol, rtol=rtol)
+    paired_src = {p.source for p in pairs}
+    paired_dst = {p.target for p in pairs}
+    for k in src.specs:
+        if k not in paired_src and k not in dropped:
+            report.results.append(CheckResult(k, k, "missing", False,
+                                              message="SRC key has no counterpart in DST"))
+    for k in dst.specs:
+        if k not in paired_dst:
+            report.results.append(CheckResult(k, "", "unexpected", False,
+                                              message="DST key has no counterpart in SRC"))
+    shapes = {k: s.shape for k, s in src.specs.items()}
+    bias_pairs = {p.source: p.target for p in pairs if not p.transposed}
+    for p in pairs:
+        if p.source not in src.specs:
+            report.results.append(CheckResult(p.target, p.source, "missing", False,
+                                              message=f"its source '{p.source}' is not in SRC"))
+            continue
+        if p.target not in dst.specs:
+            report.results.append(CheckResult(p.target, p.source, "missing", False,
+                                              message="missing from DST"))
+            continue
+        if p.transposed:
+            s = src.specs[p.source]
+            if dst_layout is not None:
+                src_param = dst_layout is Layout.LINEAR
+            else:
+                ev = bias_evidence(p.source, s.shape, shapes) if len(s.shape) == 2 else None
+                src_param = ev is None or ev[0] is Layout.PARAM
+            if not is_float_matrix(s.dtype, s.shape):
+                report.results.append(CheckResult(p.target, p.source, "layer", False, s.dtype,
+                                                  s.shape, message="not a 2-D float tensor"))
+                continue
+            report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs, shapes,
+                                                dev, batch_size, seed, atol, rtol))
+        else:
+            report.results.append(_compare_exact(p, src, dst))
+        src.release(p.source)
+        dst.release(p.target)
+    return report
+

@@ -1,0 +1,81 @@
+"""Pairing: which SRC key each DST key is checked against, and whether it was transposed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..dtypes import is_float_matrix
+from ..errors import UsageError
+from ..layout import Layout
+
+if TYPE_CHECKING:  # planning and selection load on first use, not with `import convert`
+    from ..checkpoint import Checkpoint
+    from ..plan import Plan
+    from ..selection import Selection
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A SRC key and its DST counterpart; `transposed` pairs are linear layers."""
+
+    source: str
+    target: str
+    transposed: bool
+
+
+
+def pairs_from_plan(plan: Plan) -> list[Pair]:
+    return [Pair(a.source, a.target, a.transpose) for a in plan.written]
+
+
+def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = None,
+              reference: Any = None) -> tuple[list[Pair], set[str], Layout | None, str]:
+    """Pairs of SRC and DST keys: from DST's provenance, else the selection, else by name.
+
+    Returns the pairs, SRC keys deliberately dropped, DST's layout if known, and how the pairs
+    were found. A square weight that neither provenance nor options decide is exit 2.
+    """
+    from ..plan import build_plan
+    from ..selection import Selection
+
+    selection = selection or Selection()
+    prov = dst.provenance
+    if prov is not None and not selection.chooses_layers:
+        pairs = [Pair(s, d, t) for d, (s, t) in prov.keys.items()]
+        return pairs, set(prov.dropped), prov.layout, "DST's provenance"
+    if selection.chooses_layers or selection.renames or selection.drop:
+        best: Plan | None = None
+        best_score = -1
+        for layout in (Layout.LINEAR, Layout.PARAM):
+            try:
+                plan = build_plan(src.specs, layout, selection, reference=reference,
+                                  tied=src.tied, source=str(src.path))
+            except UsageError:
+                continue
+            score = sum(1 for a in plan.written if a.target in dst.specs
+                        and dst.specs[a.target].shape == a.target_shape)
+            if score > best_score:
+                best, best_score = plan, score
+        if best is None:  # let the planner say why
+            build_plan(src.specs, Layout.LINEAR, selection, reference=reference,
+                       tied=src.tied, source=str(src.path))
+            raise AssertionError("unreachable")
+        return pairs_from_plan(best), set(best.dropped), best.layout, "the selection options"
+    pairs = []
+    ambiguous = []
+    for k, s in src.specs.items():
+        d = dst.specs.get(k)
+        if d is None:
+            continue
+        if is_float_matrix(s.dtype, s.shape) and s.shape == d.shape and s.shape[0] == s.shape[1]:
+            ambiguous.append(k)
+        transposed = (is_float_matrix(s.dtype, s.shape) and s.shape[0] != s.shape[1]
+                      and d.shape == s.shape[::-1])
+        pairs.append(Pair(k, k, transposed))
+    if ambiguous:
+        shown = ", ".join(f"'{k}'" for k in ambiguous)
+        raise UsageError(f"'{dst.path}' has no linconvert provenance and square weights {shown} "
+                         "could be transposed or not; say which with --layers (converted) and "
+                         "--exclude (unchanged), or pass the --rules/--preset used to convert.")
+    return pairs, set(), None, "names and transposed shapes"
