@@ -153,7 +153,7 @@ class FilePlan:
     """One file the output consists of, and the destination keys it holds."""
 
     path: Path
-    role: str  # "tensors", "index" or "external data"
+    role: str  # "tensors", "index", "graph" (ONNX) or "external data"
     keys: tuple[str, ...] = ()
     nbytes: int = 0
 

@@ -304,7 +304,7 @@ def _onnx_files(plan: Plan, source: SourceFacts, output: Output, whole_model: bo
     if external:
         files.append(FilePlan(output.path.parent / data_name(output.path), "external data",
                               keys, total))
-    files.append(FilePlan(output.path, "tensors", () if external else keys,
+    files.append(FilePlan(output.path, "graph", () if external else keys,
                           0 if external else total))
     return tuple(files), external, notes
 
