@@ -1,11 +1,11 @@
-"""Streams a plan from a checkpoint into a writer: the one place tensors change.
+"""Runs a plan: each entry's pieces from a Source into a Sink, the one place tensors change.
 
-safetensors output is byte work and needs no torch: a transpose permutes whole-byte elements
-whatever the float dtype, so it runs in numpy on unsigned views of the element width, in
-64 x 64 tiles (about 7x faster than one strided copy, 2.5x faster than torch's on this
-machine); untouched tensors are copied with `copy_file_range` where the source is a file.
-The source's SHA-256 is computed on a second thread while streaming, and the header's
-provenance is patched in at the end.
+A transpose is byte work and needs no torch: it permutes whole-byte elements whatever the float
+dtype, so it runs in numpy on unsigned views of the element width, in 64 x 64 tiles (about 7x
+faster than one strided copy, 2.5x faster than torch's on this machine). Untouched tensors the
+Source can hand over as a file range go to the Sink as a copy, never decoded. The source's
+SHA-256 is computed on a second thread while streaming; the Sink patches it into provenance at
+the end. `.pt` output is built as a state dict (torch.save writes it), with its extras.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import Checkpoint, TorchCheckpoint
+from .checkpoint import Checkpoint
 from .dtypes import DTYPES, nbytes_of
 from .errors import CorruptInputError
 from .formats import safetensors as st
 from .formats.atomic import AtomicFile, output_error, partial_path
 from .formats.safetensors import read_range
+from .formats.torch_pt import TorchSource
 from .plan import Plan
 from .provenance import METADATA_KEY, SHA_PLACEHOLDER, Provenance
 
@@ -214,7 +215,7 @@ def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None) 
     hasher.start()
     warnings: list[str] = []
     new_sd = _convert_state_dict(plan, ckpt.tensor, ckpt)
-    is_torch = isinstance(ckpt, TorchCheckpoint)
+    is_torch = isinstance(ckpt, TorchSource)
     if is_torch:
         for k, v in ckpt.non_tensors.items():
             new_sd[plan_target(plan, k)] = v
@@ -266,7 +267,7 @@ def _convert_state_dict(plan: Plan, get: Any, ckpt: Checkpoint | None) -> dict[s
     return out
 
 
-def _convert_extras(plan: Plan, ckpt: TorchCheckpoint, root: Any) -> tuple[Any, list[str]]:
+def _convert_extras(plan: Plan, ckpt: TorchSource, root: Any) -> tuple[Any, list[str]]:
     """EMA copies get the same plan; optimizer moments follow their weights when certain."""
     if not isinstance(root, Mapping):
         return root, []

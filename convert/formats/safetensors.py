@@ -14,11 +14,14 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..dtypes import DTYPES, nbytes_of
 from ..errors import CorruptInputError, OutputError
+from ..provenance import METADATA_KEY as PROVENANCE_KEY
+from ..provenance import merge_provenance, parse_provenance
 from .atomic import AtomicFile, output_error
+from .source import Source, TensorSpec
 
 MAX_HEADER_BYTES = 100_000_000  # the official reader's cap
 MAX_EXTENT = 2**63 - 1  # torch's and the official reader's element counts are 64-bit
@@ -443,3 +446,70 @@ def read_range(fd: int, offset: int, length: int) -> bytes:
     buf = bytearray(length)
     read_into(fd, offset, memoryview(buf))
     return bytes(buf)
+
+
+# --- reading tensors ------------------------------------------------------------------------
+
+class SafetensorsSource(Source):
+    """One safetensors file or a sharded set; data read with pread, never mapped."""
+
+    format = "safetensors"
+
+    def __init__(self, path: Path, headers: Sequence[SafetensorsHeader]):
+        super().__init__(path)
+        self._records: dict[str, tuple[int, TensorRecord]] = {}
+        self._fds: list[int] = []
+        try:
+            for h in headers:
+                self._fds.append(os.open(h.path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            self.close()
+            raise CorruptInputError(f"cannot open '{h.path}': {e.strerror or e}.") from e
+        provs = []
+        for i, h in enumerate(headers):
+            for name, rec in h.tensors.items():
+                self._records[name] = (i, rec)
+                self.specs[name] = TensorSpec(rec.shape, rec.dtype)
+            if PROVENANCE_KEY in h.metadata:
+                provs.append(parse_provenance(h.metadata[PROVENANCE_KEY], h.path))
+        if provs:
+            if len(provs) != len(headers):
+                raise CorruptInputError(f"only some shards of '{path}' carry linconvert "
+                                        "provenance; the checkpoint mixes files.")
+            self.provenance = merge_provenance(provs, path)
+        self.files = tuple(h.path for h in headers)
+        self.metadata = dict(headers[0].metadata) if headers else {}
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def record(self, key: str) -> TensorRecord:
+        return self._records[key][1]
+
+    def raw_range(self, key: str) -> tuple[int, int]:
+        i, rec = self._records[key]
+        return self._fds[i], rec.begin
+
+    def read_bytes(self, key: str, scratch: bytearray) -> Any:
+        import numpy as np
+
+        i, rec = self._records[key]
+        view = memoryview(scratch)[: rec.nbytes]
+        read_into(self._fds[i], rec.begin, view)
+        return np.frombuffer(scratch, dtype=np.uint8, count=rec.nbytes)
+
+    def tensor(self, key: str) -> Any:
+        import numpy as np
+        import torch
+
+        from ..dtypes import torch_dtype
+
+        i, rec = self._records[key]
+        buf = bytearray(rec.nbytes)
+        read_into(self._fds[i], rec.begin, memoryview(buf))
+        if not buf:
+            return torch.empty(rec.shape, dtype=torch_dtype(rec.dtype))
+        flat = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
+        return flat.view(torch_dtype(rec.dtype)).reshape(rec.shape)

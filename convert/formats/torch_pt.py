@@ -9,21 +9,27 @@ fallback to `weights_only=False`. torch's own messages are translated into one s
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import io
+import mmap
 import os
 import pickle
 import re
 import struct
+import sys
 import tarfile
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from ..dtypes import dtype_from_torch
 from ..errors import CorruptInputError, UnsafeInputError, UsageError
 from .atomic import output_error
-from .safetensors import looks_like_safetensors, open_regular, shorten
+from .safetensors import looks_like_safetensors, open_regular, read_into, shorten
+from .source import Source, TensorSpec
 
 ZIP_MAGIC = b"PK\x03\x04"
 MIN_TORCH = "2.10"  # GHSA-63cw-57p8-fm3p: memory corruption in older weights_only unpicklers
@@ -428,3 +434,167 @@ def replace_at(root: object, key_path: tuple[str, ...], value: object) -> object
     out = dict(root)
     out[key_path[0]] = replace_at(root[key_path[0]], key_path[1:], value)
     return out
+
+
+# --- reading tensors ------------------------------------------------------------------------
+
+class TorchSource(Source):
+    """torch.save files, loaded with weights_only=True and mmap where possible.
+
+    Attributes:
+        roots: each file's loaded object (a training checkpoint keeps its extras there).
+        key_paths: where the state dict sits inside each root.
+        state_dicts: each file's state dict.
+    """
+
+    format = "pt"
+
+    def __init__(self, path: Path, files: Sequence[Path], state_dict_key: str | None,
+                 allow_globals: Sequence[str]):
+        import torch
+
+        super().__init__(path)
+        self.files = tuple(files)
+        self.roots: list[object] = []
+        self.key_paths: list[tuple[str, ...]] = []
+        self.state_dicts: list[Mapping[str, object]] = []
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.non_tensors: dict[str, object] = {}
+        for f in files:
+            root = load(f, allow_globals)
+            sd, key_path = find_state_dict(root, f, state_dict_key)
+            self.roots.append(root)
+            self.key_paths.append(key_path)
+            self.state_dicts.append(sd)
+            for k, v in sd.items():
+                if k in self._tensors or k in self.non_tensors:
+                    raise CorruptInputError(f"key '{k}' appears in more than one shard of "
+                                            f"'{path}'.")
+                if isinstance(v, torch.Tensor):
+                    if v.layout != torch.strided or v.is_quantized:
+                        raise CorruptInputError(f"'{f}': tensor '{k}' is {v.layout} "
+                                                f"{'quantized ' if v.is_quantized else ''}"
+                                                "storage, which linconvert cannot convert.")
+                    self._tensors[k] = v
+                    self.specs[k] = TensorSpec(tuple(v.shape), dtype_from_torch(v.dtype))
+                else:
+                    self.non_tensors[k] = v
+        self.tied = _tied_groups(self._tensors)
+        self._maps = _file_mappings(self.files)
+        self._madvise = _madvise()
+        self._fds: dict[Path, int] = {}
+        self._located: dict[str, tuple[int, int] | None] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def raw_range(self, key: str) -> tuple[int, int] | None:
+        """Where KEY's bytes lie in its file, when torch mapped the file (mmap=True) and the
+        tensor is C-contiguous: reading them there touches no mapped page."""
+        if key not in self._located:
+            self._located[key] = self._locate(self._tensors[key])
+        return self._located[key]
+
+    def _locate(self, t: Any) -> tuple[int, int] | None:
+        if not self._maps or not t.is_contiguous() or t.numel() == 0 or sys.byteorder != "little":
+            return None
+        addr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        for path, start, end, offset in self._maps:
+            if start <= addr and addr + t.numel() * t.element_size() <= end:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                return fd, addr - start + offset
+        return None
+
+    @property
+    def extras(self) -> list[str]:
+        """Top-level entries beside the state dict (optimizer state, epoch, ...)."""
+        out = []
+        for root, kp in zip(self.roots, self.key_paths):
+            if kp and isinstance(root, Mapping):
+                out += [k if isinstance(k, str) else describe_key(k)
+                        for k in root if k != kp[0]]
+        return out
+
+    def raw_tensor(self, key: str) -> Any:
+        return self._tensors[key]
+
+    def read_bytes(self, key: str, scratch: bytearray) -> Any:
+        import numpy as np
+        import torch
+
+        loc = self.raw_range(key)
+        t = self._tensors[key].detach()
+        if loc is not None:
+            n = t.numel() * t.element_size()
+            if len(scratch) >= n:
+                read_into(loc[0], loc[1], memoryview(scratch)[:n])
+                return np.frombuffer(scratch, dtype=np.uint8, count=n)
+        if t.numel() == 0:
+            return np.empty(0, dtype=np.uint8)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy()
+
+    def release(self, key: str) -> None:
+        t = self._tensors[key]
+        if t.numel():
+            _dontneed(self._madvise,
+                      t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(),
+                      t.numel() * t.element_size())
+
+    def tensor(self, key: str) -> Any:
+        return self._tensors[key]
+
+
+def _file_mappings(files: Sequence[Path]) -> list[tuple[Path, int, int, int]]:
+    """(file, start, end, file offset) of this process's mappings of FILES (Linux)."""
+    wanted = {os.path.realpath(f): Path(f) for f in files}
+    out = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") in wanted:
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((wanted[parts[5].rstrip("\n")], start, end, int(parts[2], 16)))
+    except OSError:
+        return []
+    return out
+
+
+def _tied_groups(tensors: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """Keys whose tensors are one and the same view of one storage."""
+    groups: dict[tuple, list[str]] = {}
+    for k, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                 tuple(t.stride()), t.dtype)
+        groups.setdefault(ident, []).append(k)
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+
+
+def _madvise() -> Any:
+    """libc's madvise, or None where there is none to call (not Linux, no MADV_DONTNEED)."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+def _dontneed(madvise: Any, addr: int, length: int) -> None:
+    """madvise(MADV_DONTNEED) the whole pages inside [addr, addr+length); a no-op without it."""
+    if madvise is None:
+        return
+    page = mmap.PAGESIZE
+    start = (addr + page - 1) // page * page
+    end = (addr + length) // page * page
+    if end > start:
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                ctypes.c_int(mmap.MADV_DONTNEED))
