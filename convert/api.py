@@ -18,7 +18,7 @@ from .errors import UsageError
 from .execute import apply_plan
 from .layout import Layout
 from .plan import Plan, build_plan, plan_output, resolve_output, source_facts
-from .selection import Selection, bias_evidence, build_reference, make_selection
+from .selection import Selection, bias_evidence, build_reference, selection_from
 from .verify import VerifyReport
 
 
@@ -53,25 +53,25 @@ class ConversionReport:
 def plan_conversion(ckpt: Checkpoint, target: Layout, selection: Selection | None = None,
                     **options: Any) -> Plan:
     """The entries of a conversion of an opened checkpoint (headers only; a `--model` in the
-    selection imports torch). OPTIONS, if given, are `make_selection`'s keywords."""
-    if selection is None:
-        selection = make_selection(**options)
+    selection imports torch). OPTIONS, instead of SELECTION, are its parts as keywords."""
+    selection = selection_from(selection, options)
     reference = build_reference(selection.model) if selection.model else None
     return build_plan(ckpt.specs, target, selection, reference=reference,
                       provenance=ckpt.provenance, tied=ckpt.tied, source=str(ckpt.path))
 
 
 def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
-            layers: Sequence[str] = (), exclude: Sequence[str] = (), drop: Sequence[str] = (),
-            rename: Sequence[tuple[str, str]] = (), rules: str | Path | None = None,
-            preset: str | None = None, model: str | None = None,
-            state_dict_key: str | None = None, allow_global: Sequence[str] = (),
-            dry_run: bool = False, overwrite: bool = False, format: str | None = None,
-            max_shard_size: str | int | None = None, verify: bool = True,
-            device: str = "cpu", opset: int | None = None, external_data: bool = False,
-            input_shape: Sequence[Sequence[int]] = (),
-            input_dtype: str = "float32") -> ConversionReport:
+            selection: Selection | None = None, state_dict_key: str | None = None,
+            allow_global: Sequence[str] = (), dry_run: bool = False, overwrite: bool = False,
+            format: str | None = None, max_shard_size: str | int | None = None,
+            verify: bool = True, device: str = "cpu", opset: int | None = None,
+            external_data: bool = False, input_shape: Sequence[Sequence[int]] = (),
+            input_dtype: str = "float32", **selection_options: Any) -> ConversionReport:
     """Plan and (unless dry_run) write a conversion of SRC into TARGET's layout.
+
+    Which keys are transposed, dropped and renamed is one `Selection`: pass it as
+    `selection=`, or its parts as keywords (`layers`, `exclude`, `drop`, `rename`, `rules`,
+    `preset`, `model`), as the command line does.
 
     The plan (its entries and its output plan) is built first, from headers alone, and every
     refusal that needs no tensor data is raised there, dry run or not. With `verify` (the
@@ -84,8 +84,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
         raise UsageError("SRC '-' (standard input) is not supported; name a checkpoint file.")
     if not src_path.exists():
         raise UsageError(f"SRC '{src}' does not exist.")
-    selection = make_selection(layers=layers, exclude=exclude, drop=drop, rename=rename,
-                               rules=rules, preset=preset, model=model)
+    selection = selection_from(selection, selection_options)
+    model = selection.model
     output = resolve_output(src_path, dst, target, fmt=format, max_shard_size=max_shard_size,
                             overwrite=overwrite)
     if output.format != "onnx" and (opset is not None or external_data or input_shape):
@@ -162,15 +162,13 @@ def to_param(src: str | Path, dst: str | Path | None = None, **options: Any) -> 
 
 # --- verify ---------------------------------------------------------------------------------
 
-def verify(src: str | Path, dst: str | Path, *, layers: Sequence[str] = (),
-           exclude: Sequence[str] = (), drop: Sequence[str] = (),
-           rename: Sequence[tuple[str, str]] = (), rules: str | Path | None = None,
-           preset: str | None = None, model: str | None = None,
+def verify(src: str | Path, dst: str | Path, *, selection: Selection | None = None,
            state_dict_key: str | None = None, allow_global: Sequence[str] = (),
            device: str = "cpu", atol: float | None = None, rtol: float | None = None,
            batch_size: int = 8, seed: int = 0, source_model: str | None = None,
            target_model: str | None = None, input_shape: Sequence[Sequence[int]] = (),
-           input_dtype: str = "float32", input_high: int | None = None) -> VerifyReport:
+           input_dtype: str = "float32", input_high: int | None = None,
+           **selection_options: Any) -> VerifyReport:
     """Check that DST computes what SRC computes; returns the report (see `VerifyReport`).
 
     Pairs come from DST's provenance, else the selection options, else names and transposed
@@ -186,9 +184,7 @@ def verify(src: str | Path, dst: str | Path, *, layers: Sequence[str] = (),
     if bool(source_model) != bool(target_model):
         raise UsageError("whole-model verification needs both --source-model and "
                          "--target-model.")
-    selection = make_selection(layers=tuple(layers), exclude=tuple(exclude), drop=tuple(drop),
-                               rename=tuple(tuple(r) for r in rename), rules=rules,
-                               preset=preset, model=model)
+    selection = selection_from(selection, selection_options)
     src_key = state_dict_key if source_kind(Path(src)) == "pt" else None
     if Path(dst).suffix.lower() == ".onnx":
         from .verify import verify_onnx_layers
@@ -213,7 +209,7 @@ def verify(src: str | Path, dst: str | Path, *, layers: Sequence[str] = (),
                 report.results += layers_report.results
                 report.pairing += " and DST's provenance"
             return report
-        reference = build_reference(model) if model else None
+        reference = build_reference(selection.model) if selection.model else None
         pairs, dropped, layout, how = pair_keys(s, d, selection, reference)
         return verify_checkpoints(s, d, pairs=pairs, dropped=dropped, dst_layout=layout,
                                   pairing=how, device=device, batch_size=batch_size, seed=seed,

@@ -265,12 +265,10 @@ def _sha256(path: Path) -> str:
 
 
 def _options_hash(item: Item) -> str:
-    from .selection import make_selection
+    from .selection import SELECTION_OPTIONS, selection_from
 
     o = item.option_dict()
-    sel = make_selection(layers=o.get("layers", ()), exclude=o.get("exclude", ()),
-                         drop=o.get("drop", ()), rename=o.get("rename", ()),
-                         rules=o.get("rules"), preset=o.get("preset"), model=o.get("model"))
+    sel = selection_from(None, {k: v for k, v in o.items() if k in SELECTION_OPTIONS})
     return sel.options_hash(item.layout)
 
 

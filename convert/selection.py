@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from fnmatch import fnmatchcase
@@ -197,10 +197,8 @@ def load_preset(name: str) -> Selection:
     return rules_from_toml(tomllib.loads(preset_text(name)), f"preset '{name}'", shipped=True)
 
 
-def make_selection(*, layers: tuple[str, ...] | list[str] = (),
-                   exclude: tuple[str, ...] | list[str] = (),
-                   drop: tuple[str, ...] | list[str] = (),
-                   rename: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
+def make_selection(*, layers: Sequence[str] = (), exclude: Sequence[str] = (),
+                   drop: Sequence[str] = (), rename: Sequence[Sequence[str]] = (),
                    rules: Path | str | None = None, preset: str | None = None,
                    model: str | None = None) -> Selection:
     """Combine a preset, a rules file and command-line options, in that order."""
@@ -222,6 +220,23 @@ def make_selection(*, layers: tuple[str, ...] | list[str] = (),
     for r in sel.renames:
         r.apply("")
     return sel
+
+
+SELECTION_OPTIONS = ("layers", "exclude", "drop", "rename", "rules", "preset", "model")
+
+
+def selection_from(selection: Selection | None, options: Mapping[str, Any]) -> Selection:
+    """The one Selection of a call: SELECTION as given, or built from the keyword OPTIONS
+    (`layers`, `exclude`, `drop`, `rename`, `rules`, `preset`, `model`), not both."""
+    unknown = sorted(set(options) - set(SELECTION_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    given = {k: v for k, v in options.items() if v not in (None, (), [])}
+    if selection is not None:
+        if given:
+            raise UsageError(f"pass either selection= or {', '.join(sorted(given))}, not both.")
+        return selection
+    return make_selection(**given)
 
 
 # --- evidence -------------------------------------------------------------------------------

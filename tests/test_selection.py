@@ -448,3 +448,26 @@ def test_reference_decides_square_fixture_weights():
     with pytest.raises(UsageError, match="nothing to transpose"):
         build_plan(specs, Layout.LINEAR,
                    reference=build_reference(MODELS + ":build_square_param"))
+
+
+def test_one_selection_value_is_what_the_keywords_build(tmp_path):
+    """`selection=` and the keywords are the same Selection; both at once is a usage error."""
+    import torch
+    from safetensors.torch import save_file
+
+    import convert
+    from convert.errors import UsageError
+    from convert.selection import make_selection
+
+    save_file({"sq": torch.randn(4, 4), "b": torch.randn(4)}, str(tmp_path / "a.safetensors"))
+    by_value = convert.to_linear(tmp_path / "a.safetensors", tmp_path / "o.safetensors",
+                                 selection=make_selection(layers=["sq"]), dry_run=True)
+    by_words = convert.to_linear(tmp_path / "a.safetensors", tmp_path / "o.safetensors",
+                                 layers=["sq"], dry_run=True)
+    assert by_value.plan == by_words.plan
+    assert [e.key for e in by_value.plan.transposed] == ["sq"]
+    with pytest.raises(UsageError, match="not both"):
+        convert.to_linear(tmp_path / "a.safetensors", selection=make_selection(layers=["sq"]),
+                          layers=["sq"], dry_run=True)
+    with pytest.raises(TypeError, match="layer"):
+        convert.to_linear(tmp_path / "a.safetensors", layer=["sq"], dry_run=True)
