@@ -13,6 +13,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,38 +22,65 @@ import click
 from . import __version__
 from .errors import ConvertError, Terminated
 
-_state = {"verbose": 0, "quiet": False}
+
+@dataclass
+class Settings:
+    """How much to say, for one run of the command line (the context's `obj`)."""
+
+    verbose: int = 0
+    quiet: bool = False
+
+
+def _settings() -> Settings:
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_object(Settings) if ctx is not None else None
+    return obj if obj is not None else Settings()
 
 
 def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    _state["verbose"] = max(_state["verbose"], value or 0)
+    settings = ctx.find_object(Settings)
+    if settings is not None:
+        settings.verbose = max(settings.verbose, value or 0)
     return value
 
 
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    _state["quiet"] = _state["quiet"] or bool(value)
+    settings = ctx.find_object(Settings)
+    if settings is not None:
+        settings.quiet = settings.quiet or bool(value)
     return value
 
 
+def options(*decorators: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply option decorators in the order written (the order --help lists them)."""
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
 def verbosity(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbose,
-                     is_eager=True,
-                     help="Say more; -v also shows tracebacks of internal errors.")(f)
-    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
-                     is_eager=True, help="Print no warnings or summaries on stderr.")(f)
-    return f
+    return options(
+        click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbose,
+                     is_eager=True, help="Say more; -v also shows tracebacks of internal errors."),
+        click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+                     is_eager=True, help="Print no warnings or summaries on stderr."),
+    )(f)
 
 
 def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--state-dict-key", metavar="A.B",
-                     help="Dotted path of the state dict inside a .pt training checkpoint.")(f)
-    f = click.option("--allow-global", "allow_global", multiple=True, metavar="MODULE.NAME",
-                     help="Trust this pickle global when loading .pt files (repeatable).")(f)
-    return f
+    return options(
+        click.option("--state-dict-key", metavar="A.B",
+                     help="Dotted path of the state dict inside a .pt training checkpoint."),
+        click.option("--allow-global", "allow_global", multiple=True, metavar="MODULE.NAME",
+                     help="Trust this pickle global when loading .pt files (repeatable)."),
+    )(f)
 
 
 def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
+    """SELECTION: which keys are transposed, dropped, renamed (to-*, verify, batch)."""
+    return options(
         click.option("--layers", multiple=True, metavar="GLOB",
                      help="Source keys that are linear weights to transpose (glob, or re:REGEX; "
                           "repeatable)."),
@@ -68,14 +96,48 @@ def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="A shipped rules preset (see `linconvert presets`)."),
         click.option("--model", metavar="MODULE:FACTORY",
                      help="Reference model in the target layout, built on the meta device."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return source_options(f)
+        source_options,
+    )(f)
+
+
+def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Where and how outputs are written (to-*, batch)."""
+    return options(
+        click.option("--format", "fmt", type=click.Choice(["safetensors", "pt", "onnx"]),
+                     help="Output format when the destination does not say it by its suffix."),
+        click.option("--max-shard-size", metavar="SIZE",
+                     help="Write sharded safetensors with shards of at most SIZE (e.g. 5GB)."),
+        click.option("--verify/--no-verify", default=True, show_default=True,
+                     help="Verify each written file, read back from disk, before publishing "
+                          "it."),
+    )(f)
+
+
+def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+                        help="Where verification runs its forward passes.")(f)
+
+
+def report_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--report", "report_path",
+                        type=click.Path(dir_okay=False, path_type=Path),
+                        help="Write the plan and outcome (or the report) as JSON to this file.")(f)
+
+
+def input_options(mode: str) -> Callable[..., Any]:
+    """The example inputs of a whole model (ONNX export with --model; whole-model verify)."""
+    return options(
+        click.option("--input-shape", multiple=True, callback=_input_shape, metavar="4,784",
+                     help=f"{mode}: the shape of one input (repeatable, in order)."),
+        click.option("--input-dtype", default="float32", show_default=True,
+                     type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64",
+                                        "int32"]),
+                     help=f"{mode}: the inputs' dtype (int64 for token ids)."),
+    )
 
 
 def _warn(message: str) -> None:
-    if not _state["quiet"]:
+    if not _settings().quiet:
         click.echo(f"linconvert: warning: {message}", err=True)
 
 
@@ -111,30 +173,17 @@ def _conversion_command(name: str, layout_name: str, doc: str) -> None:
     @click.option("-o", "--output", "dst", type=click.Path(path_type=Path),
                   help="Where to write (.safetensors, .pt/.pth/.bin, or a folder). Default: "
                        f"NAME.{layout_name}.EXT beside SRC.")
-    @click.option("--format", "fmt", type=click.Choice(["safetensors", "pt", "onnx"]),
-                  help="Output format when -o does not say it by its suffix.")
-    @click.option("--max-shard-size", metavar="SIZE",
-                  help="Write sharded safetensors with shards of at most SIZE (e.g. 5GB).")
+    @output_options
     @selection_options
     @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
-    @click.option("--verify/--no-verify", default=True, show_default=True,
-                  help="Verify the written file, read back from disk, before publishing it.")
-    @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
-                  help="Where verification runs its forward passes.")
+    @device_option
     @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
-    @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-                  help="Write the plan and outcome as JSON to this file.")
+    @report_option
     @click.option("--opset", type=click.IntRange(min=13),
                   help="ONNX opset (default 18).")
     @click.option("--external-data", is_flag=True,
                   help="ONNX: put the weights in DST.data beside DST (automatic past 2 GB).")
-    @click.option("--input-shape", multiple=True, callback=_input_shape, metavar="4,784",
-                  help="ONNX with --model: export the whole model for inputs of this shape "
-                       "(repeatable).")
-    @click.option("--input-dtype", default="float32", show_default=True,
-                  type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64",
-                                     "int32"]),
-                  help="ONNX with --model: the inputs' dtype.")
+    @input_options("ONNX with --model (exports the whole model)")
     @verbosity
     def command(src: Path, dst: Path | None, fmt: str | None, max_shard_size: str | None,
                 dry_run: bool, verify: bool, device: str, overwrite: bool,
@@ -162,7 +211,7 @@ def _conversion_command(name: str, layout_name: str, doc: str) -> None:
             click.echo(render_plan(report.plan))
             return
         click.echo(report.destination)
-        if not _state["quiet"]:
+        if not _settings().quiet:
             plan = report.plan
             checked = report.verification
             verdict = (f", verified equivalent ({len(checked.results)} checks)" if checked
@@ -183,8 +232,7 @@ _conversion_command("to-param", "param",
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(exists=True, path_type=Path))
 @selection_options
-@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
-              help="Where the forward passes run.")
+@device_option
 @click.option("--atol", type=float, help="Absolute tolerance (scaled by sqrt(in) per layer).")
 @click.option("--rtol", type=float, help="Relative tolerance.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -194,15 +242,10 @@ _conversion_command("to-param", "param",
               help="Whole-model mode: the model SRC loads into.")
 @click.option("--target-model", metavar="MODULE:FACTORY",
               help="Whole-model mode: the model DST loads into.")
-@click.option("--input-shape", multiple=True, callback=_input_shape, metavar="4,784",
-              help="Whole-model mode: the shape of one input (repeatable, in order).")
-@click.option("--input-dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "float64", "float16", "bfloat16", "int64", "int32"]),
-              help="Whole-model mode: the inputs' dtype (int64 for token ids).")
+@input_options("Whole-model mode")
 @click.option("--input-high", type=click.IntRange(min=1),
               help="Whole-model mode: integer inputs are drawn from [0, N).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report as JSON.")
+@report_option
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report as JUnit XML (one test case per layer).")
 @verbosity
@@ -244,13 +287,8 @@ def verify_cmd(src: Path, dst: Path, report_path: Path | None, junit_path: Path 
 @click.option("--overwrite", is_flag=True,
               help="Replace existing outputs that no journal or provenance accounts for.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write every item's outcome as JSON.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt", "onnx"]),
-              help="Output format for items whose destination does not say it.")
-@click.option("--max-shard-size", metavar="SIZE", help="Sharded safetensors outputs.")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Verify each output before publishing it.")
+@report_option
+@output_options
 @selection_options
 @verbosity
 def batch_cmd(sources: tuple[str, ...], report_path: Path | None, fmt: str | None,
@@ -288,7 +326,7 @@ def batch_cmd(sources: tuple[str, ...], report_path: Path | None, fmt: str | Non
 
 def _progress_bar() -> Any:
     """A progress bar on stderr, only on a terminal."""
-    if _state["quiet"] or not sys.stderr.isatty():
+    if _settings().quiet or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
@@ -335,13 +373,13 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (the one handler that maps outcomes)."""
-    _state.update(verbose=0, quiet=False)
+    settings = Settings()
     try:
-        rv = cli.main(args=argv, prog_name="linconvert", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="linconvert", standalone_mode=False, obj=settings)
         return rv if isinstance(rv, int) else 0
     except ConvertError as e:
         click.echo(f"linconvert: error: {e}", err=True)
-        if _state["verbose"]:
+        if settings.verbose:
             traceback.print_exc()
         return e.exit_code
     except click.exceptions.ClickException as e:
@@ -362,7 +400,7 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place a bug becomes exit 70
         click.echo(f"linconvert: internal error ({type(e).__name__}: {e}); this is a bug, "
                    "please report it with the output of the same command run with -v.", err=True)
-        if _state["verbose"]:
+        if settings.verbose:
             traceback.print_exc()
         return 70
 
