@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +206,8 @@ def verify(src: str | Path, dst: str | Path, *, selection: Selection | None = No
                                                    dst_layout=layout, pairing=how,
                                                    device=device, batch_size=batch_size,
                                                    seed=seed, atol=atol, rtol=rtol)
-                report.results += layers_report.results
-                report.pairing += " and DST's provenance"
+                report = replace(report, results=[*report.results, *layers_report.results],
+                                 pairing=f"{report.pairing} and DST's provenance")
             return report
         reference = build_reference(selection.model) if selection.model else None
         pairs, dropped, layout, how = pair_keys(s, d, selection, reference)
