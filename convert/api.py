@@ -95,7 +95,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
                          allow_globals=allow_global) as ckpt:
         plan = plan_conversion(ckpt, target, selection)
         plan = plan_output(plan, source_facts(ckpt), output,
-                           whole_model=bool(model and input_shape), external_data=external_data)
+                           whole_model=bool(model and input_shape), external_data=external_data,
+                           opset=opset)
         assert plan.output is not None
         report = ConversionReport(str(src_path), str(plan.output.display), target, plan,
                                   dry_run, files=[str(f.path) for f in plan.output.files],
@@ -178,6 +179,9 @@ def verify(src: str | Path, dst: str | Path, *, selection: Selection | None = No
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not value >= 0:  # NaN too
+            raise UsageError(f"--{name} {value} is not a tolerance; give a number >= 0.")
     for p in (src, dst):
         if os.fspath(p) == "-" or not Path(p).exists():
             raise UsageError(f"'{p}' does not exist.")

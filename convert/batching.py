@@ -499,6 +499,11 @@ def batch(sources: Sequence[str | Path] = (), *, manifest: str | Path | None = N
     out = Path(out_dir) if out_dir is not None else None
     items = plan_items([str(s) for s in sources], manifest=Path(manifest) if manifest else None,
                        direction=direction, out_dir=out, options=options)
+    if not items:
+        given = ", ".join(f"'{s}'" for s in sources[:5]) or f"manifest '{manifest}'"
+        raise UsageError(f"batch found no checkpoint to convert in {given}; name .pt, "
+                         ".safetensors or index files, folders holding them, or globs that "
+                         "match some.")
     parsed = parse_shard(shard)
     items = select_shard(items, parsed)
     if options.get("rules") or any(it.option_dict().get("rules") for it in items):

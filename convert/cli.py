@@ -8,6 +8,7 @@ every outcome goes through `main`'s one handler. Nothing heavy is imported at mo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -41,6 +42,8 @@ def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> int:
     settings = ctx.find_object(Settings)
     if settings is not None:
         settings.verbose = max(settings.verbose, value or 0)
+        if settings.verbose:  # libraries' own loggers (the ONNX exporter's) may speak too
+            logging.getLogger("linconvert").setLevel(logging.DEBUG)
     return value
 
 
@@ -170,9 +173,10 @@ def _input_shape(ctx: click.Context, param: click.Parameter,
 def _conversion_command(name: str, layout_name: str, doc: str) -> None:
     @cli.command(name, help=doc)
     @click.argument("src", type=click.Path(exists=True, path_type=Path))
-    @click.option("-o", "--output", "dst", type=click.Path(path_type=Path),
-                  help="Where to write (.safetensors, .pt/.pth/.bin, or a folder). Default: "
-                       f"NAME.{layout_name}.EXT beside SRC.")
+    # a str, not a Path: a trailing "/" says "a folder" and Path would drop it
+    @click.option("-o", "--output", "dst", type=click.Path(path_type=str),
+                  help="Where to write (.safetensors, .pt/.pth/.bin, .onnx, or a folder: a "
+                       f"path ending in /). Default: NAME.{layout_name}.EXT beside SRC.")
     @output_options
     @selection_options
     @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
@@ -185,7 +189,7 @@ def _conversion_command(name: str, layout_name: str, doc: str) -> None:
                   help="ONNX: put the weights in DST.data beside DST (automatic past 2 GB).")
     @input_options("ONNX with --model (exports the whole model)")
     @verbosity
-    def command(src: Path, dst: Path | None, fmt: str | None, max_shard_size: str | None,
+    def command(src: Path, dst: str | None, fmt: str | None, max_shard_size: str | None,
                 dry_run: bool, verify: bool, device: str, overwrite: bool,
                 report_path: Path | None, **selection: Any) -> None:
         from .api import convert
@@ -233,8 +237,9 @@ _conversion_command("to-param", "param",
 @click.argument("dst", type=click.Path(exists=True, path_type=Path))
 @selection_options
 @device_option
-@click.option("--atol", type=float, help="Absolute tolerance (scaled by sqrt(in) per layer).")
-@click.option("--rtol", type=float, help="Relative tolerance.")
+@click.option("--atol", type=click.FloatRange(min=0),
+              help="Absolute tolerance (scaled by sqrt(in) per layer).")
+@click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Random input rows per layer.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the inputs.")
@@ -374,6 +379,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (the one handler that maps outcomes)."""
     settings = Settings()
+    logging.getLogger("linconvert").setLevel(logging.NOTSET)
     try:
         rv = cli.main(args=argv, prog_name="linconvert", standalone_mode=False, obj=settings)
         return rv if isinstance(rv, int) else 0

@@ -72,6 +72,7 @@ def _whole_model(plan: Plan, ckpt: Checkpoint, spec: str, input_shape: Sequence[
 
     from .factory import build_model
     from .verify import load_state_strictly, make_inputs, verify_onnx_model
+    from .verify.models import run_model
 
     output = plan.output
     assert output is not None
@@ -81,6 +82,8 @@ def _whole_model(plan: Plan, ckpt: Checkpoint, spec: str, input_shape: Sequence[
     torch_model.eval()
     inputs = make_inputs(torch_model, [tuple(s) for s in input_shape], input_dtype, None, 0,
                          torch.device("cpu"))
+    with torch.no_grad():  # inputs the model cannot take: exit 2 here, not inside the exporter
+        run_model(torch_model, inputs, spec)
     sha = hasher.result()
     prov = _provenance_for(plan, ckpt, sha)
     metadata = {METADATA_KEY: prov.to_json()}

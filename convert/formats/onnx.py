@@ -64,6 +64,42 @@ def elem_type(dtype: str, key: str) -> int:
     return getattr(TensorProto, _ELEM[dtype])
 
 
+def _runs_opset(opset: int) -> bool:
+    """Whether the installed onnxruntime loads a one-node model of OPSET."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), opts,
+                             providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        return False
+    return True
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset that the installed onnxruntime cannot run: the file could not be
+    verified, and nobody here could run it."""
+    if _runs_opset(opset):
+        return
+    import onnx
+    import onnxruntime as ort
+
+    top = next((v for v in range(min(opset, onnx.defs.onnx_opset_version()), 6, -1)
+                if _runs_opset(v)), DEFAULT_OPSET)
+    raise UsageError(f"--opset {opset} is past what the installed onnxruntime {ort.__version__} "
+                     f"runs (up to {top}); pass --opset {top} or lower, or leave the default "
+                     f"{DEFAULT_OPSET}.")
+
+
 def tensor_proto(name: str, dtype: str, shape: Sequence[int], raw: bytes) -> Any:
     """An initializer from raw little-endian bytes (no numpy round trip, so bfloat16 works)."""
     from onnx import helper
@@ -181,11 +217,17 @@ def _quiet_exporter() -> Iterator[None]:
     import logging
     import warnings
 
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export",
+                                                "torch._dynamo", "torch._subclasses", "torch.fx",
+                                                "onnxscript")]
     levels = [lg.level for lg in loggers]
+    # Their tracebacks of a failed export run to hundreds of lines; linconvert says what failed
+    # in one sentence. `-v` (DEBUG on the "linconvert" logger) lets them through.
+    quiet = (logging.ERROR if logging.getLogger("linconvert").isEnabledFor(logging.DEBUG)
+             else logging.CRITICAL + 1)
     try:
         for lg in loggers:
-            lg.setLevel(logging.ERROR)
+            lg.setLevel(quiet)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield

@@ -162,13 +162,13 @@ def source_facts(ckpt: Any) -> SourceFacts:
 
 
 def plan_output(plan: Plan, source: SourceFacts, output: Output, *, whole_model: bool = False,
-                external_data: bool = False) -> Plan:
+                external_data: bool = False, opset: int | None = None) -> Plan:
     """PLAN with its output plan: every file, the shard of every key, and every refusal that
     needs no tensor data.
 
     Raises:
         UsageError: DST is SRC; a tensor or entry the format cannot hold; an ONNX graph with no
-            layer to hold, or two layers of one name.
+            layer to hold, or two layers of one name; an opset onnxruntime cannot run.
         OutputError: DST exists without --overwrite; its folder does not exist; a folder DST
             holds another checkpoint's index.
     """
@@ -184,6 +184,10 @@ def plan_output(plan: Plan, source: SourceFacts, output: Output, *, whole_model:
         files = (FilePlan(output.path, "tensors", tuple(e.key for e in plan.entries),
                           _total(plan.entries)),)
     else:
+        if opset is not None:
+            from ..formats.onnx import check_opset
+
+            check_opset(opset)
         files, external, more = _onnx_files(plan, source, output, whole_model, external_data)
         notes += more
         external_data = external

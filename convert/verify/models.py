@@ -92,6 +92,38 @@ def make_inputs(model: Any, shapes: Sequence[tuple[int, ...]], dtype: str,
             for s in shapes]
 
 
+def run_model(model: Any, inputs: Sequence[Any], spec: str) -> Any:
+    """MODEL's outputs on INPUTS; inputs it cannot take are the user's mistake (exit 2), said
+    with what the model's first layer expects."""
+    try:
+        return model(*inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"the model '{spec}' cannot run on --input-shape {shapes} ({why})"
+                         f"{_expects(model)}; give --input-shape the shape it takes.") from e
+
+
+def _expects(model: Any) -> str:
+    """What the model's first layer takes, in words ("; its first layer ... takes ...")."""
+    from ..modules import ParamLinear
+
+    for name, m in model.named_modules():
+        features = (m.weight.shape[0] if isinstance(m, ParamLinear)
+                    else getattr(m, "in_features", None))
+        if isinstance(features, int):
+            return (f"; its first layer '{name}' takes {features} features "
+                    f"(e.g. --input-shape 8,{features})")
+        if isinstance(getattr(m, "num_embeddings", None), int):
+            return (f"; its first layer '{name}' takes token ids below {m.num_embeddings} "
+                    "(--input-dtype int64)")
+        weight = getattr(m, "weight", None)
+        if getattr(weight, "ndim", 0) == 2 and not list(m.children()):
+            shape = "x".join(map(str, weight.shape))
+            return f"; its first layer '{name}' holds a {shape} weight"
+    return ""
+
+
 def compare_output_lists(actual: Sequence[Any], expected: Sequence[Any], kind: str,
                          actual_name: str, expected_name: str, atol: float | None,
                          rtol: float | None) -> list[CheckResult]:
@@ -147,8 +179,8 @@ def verify_models(src: Checkpoint, dst: Checkpoint, *, source_model: str, target
                           "whole model", seed=seed, batch_size=input_shapes[0][0]
                           if input_shapes[0] else 0, atol=atol, rtol=rtol)
     with torch.no_grad(), ieee_float32():
-        outs_s = flatten_outputs(sm(*inputs))
-        outs_t = flatten_outputs(tm(*inputs))
+        outs_s = flatten_outputs(run_model(sm, inputs, source_model))
+        outs_t = flatten_outputs(run_model(tm, inputs, target_model))
     report.results += compare_output_lists(outs_t, outs_s, "output", "the target model",
                                            "the source model", atol, rtol)
     return report

@@ -61,6 +61,8 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
             build_plan(src.specs, Layout.LINEAR, selection, reference=reference,
                        tied=src.tied, source=str(src.path))
             raise AssertionError("unreachable")
+        if best_score == 0 and src.specs and dst.specs:
+            raise UsageError(_no_pairs(src, dst, best))
         return pairs_from_plan(best), set(best.dropped), best.layout, "the selection options"
     pairs = []
     ambiguous = []
@@ -73,9 +75,52 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
         transposed = (is_float_matrix(s.dtype, s.shape) and s.shape[0] != s.shape[1]
                       and d.shape == s.shape[::-1])
         pairs.append(Pair(k, k, transposed))
+    if not pairs and src.specs and dst.specs:
+        raise UsageError(_no_pairs(src, dst))
     if ambiguous:
         shown = ", ".join(f"'{k}'" for k in ambiguous)
         raise UsageError(f"'{dst.path}' has no linconvert provenance and square weights {shown} "
                          "could be transposed or not; say which with --layers (converted) and "
                          "--exclude (unchanged), or pass the --rules/--preset used to convert.")
     return pairs, set(), None, "names and transposed shapes"
+
+
+def _no_pairs(src: Checkpoint, dst: Checkpoint, plan: Plan | None = None) -> str:
+    """Why nothing can be compared: no SRC key (after the selection's renames) is a DST key;
+    with the --rename that would pair them where one prefix change does."""
+    import re
+
+    names = [e.key for e in plan.entries] if plan is not None else list(src.specs)
+    theirs = list(dst.specs)
+    hint = "pass --rename FROM TO (or the --rules/--preset used to convert) so they pair"
+    rename = _prefix_rename(names, theirs)
+    if rename is not None:
+        old, new = rename
+        hint = f"--rename '^{re.escape(old)}' '{new}' would pair them"
+    return (f"no key of '{src.path}' pairs with a key of '{dst.path}' (e.g. '{names[0]}' and "
+            f"'{theirs[0]}'), so nothing can be compared; {hint}.")
+
+
+def _prefix_rename(ours: list[str], theirs: list[str]) -> tuple[str, str] | None:
+    """The one prefix substitution that turns most of OURS into keys of THEIRS, if any:
+    tried for our first key against each of theirs, cut where their common tail starts a name."""
+    wanted = set(theirs)
+    best: tuple[int, tuple[str, str]] | None = None
+    a = ours[0]
+    for b in theirs[:1000]:
+        n = 0
+        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+            n += 1
+        k = next((k for k in range(n, 0, -1) if _starts_name(a, k) and _starts_name(b, k)), 0)
+        old, new = a[:len(a) - k], b[:len(b) - k]
+        if k == 0 or old == new:
+            continue
+        hits = sum(1 for key in ours if key.startswith(old) and new + key[len(old):] in wanted)
+        if best is None or hits > best[0]:
+            best = hits, (old, new)
+    return best[1] if best is not None and 2 * best[0] >= len(ours) else None
+
+
+def _starts_name(key: str, k: int) -> bool:
+    """Whether KEY's last K characters start a name part (the key's start, or after a dot)."""
+    return k == len(key) or key[len(key) - k - 1] == "."

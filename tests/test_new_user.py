@@ -1,0 +1,113 @@
+"""Defects a new user hit (issue 19): each test failed before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from safetensors.torch import load_file, save_file
+
+import convert
+
+MODELS = Path(__file__).resolve().parent.parent / "fixtures" / "models.py"
+
+
+def _one_line(stderr: str) -> bool:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return len(lines) == 1 and lines[0].startswith("linconvert: error: ")
+
+
+# 1. A false "verified" -----------------------------------------------------------------------
+
+def test_an_opset_onnxruntime_cannot_run_is_refused_before_writing(fixture_dir, runner):
+    for flags in ([], ["--dry-run"]):
+        res = runner("to-linear", fixture_dir / "mlp_param.pt", "-o", fixture_dir / "x.onnx",
+                     "--opset", "99", *flags)
+        assert res.exit_code == 2 and _one_line(res.stderr), res.stderr
+        assert "--opset 99" in res.stderr and "onnxruntime" in res.stderr
+        assert not (fixture_dir / "x.onnx").exists()
+
+
+def test_verify_of_an_onnx_file_onnxruntime_cannot_load_is_not_equivalent(fixture_dir, runner):
+    dst = fixture_dir / "x.onnx"
+    convert.to_linear(fixture_dir / "mlp_param.pt", dst)
+    model = onnx.load(dst)
+    model.opset_import[0].version = 99  # what onnxruntime refuses to load
+    onnx.save(model, dst)
+    res = runner("verify", fixture_dir / "mlp_param.pt", dst)
+    assert res.exit_code == 1, res.stdout + res.stderr
+    assert "could not run" in res.stdout and "NOT equivalent" in res.stdout
+
+
+# 2. User errors reported as internal bugs ----------------------------------------------------
+
+def test_a_wrong_input_shape_is_a_usage_error_in_verify(fixture_dir, runner):
+    res = runner("verify", fixture_dir / "mlp_param.pt", fixture_dir / "mlp_linear.safetensors",
+                 "--source-model", f"{MODELS}:build_param_mlp",
+                 "--target-model", f"{MODELS}:build_linear_mlp", "--input-shape", "4,784")
+    assert res.exit_code == 2 and _one_line(res.stderr), res.stderr
+    assert "4x784" in res.stderr and "'fc1'" in res.stderr and "4x6" in res.stderr
+
+
+def test_a_wrong_input_shape_is_a_usage_error_in_an_onnx_export(fixture_dir, runner):
+    res = runner("to-linear", fixture_dir / "mlp_param.pt", "-o", fixture_dir / "m.onnx",
+                 "--model", f"{MODELS}:build_linear_mlp", "--input-shape", "1,784")
+    assert res.exit_code == 2 and _one_line(res.stderr), res.stderr
+    assert "takes 4 features" in res.stderr
+    assert not list(fixture_dir.glob("*onnx*"))
+
+
+# 4. Paths ------------------------------------------------------------------------------------
+
+def test_a_trailing_slash_means_a_folder(fixture_dir, runner):
+    res = runner("to-linear", fixture_dir / "mlp_param.safetensors", "-o",
+                 f"{fixture_dir}/gpt2.param/")
+    assert res.exit_code == 0, res.stderr
+    folder = fixture_dir / "gpt2.param"
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert load_file(folder / "model-00001-of-00001.safetensors")["fc1.weight"].shape == (6, 4)
+
+
+def test_a_sharded_file_prints_and_reports_its_index(fixture_dir, runner):
+    res = runner("to-linear", fixture_dir / "mlp_param.safetensors", "-o",
+                 fixture_dir / "y.safetensors", "--max-shard-size", "1GB")
+    assert res.exit_code == 0, res.stderr
+    index = fixture_dir / "y.safetensors.index.json"
+    assert res.stdout.strip() == str(index) and index.is_file()
+    assert f"'{index}'" in res.stderr
+
+
+# 5. Silent successes -------------------------------------------------------------------------
+
+def test_batch_of_nothing_is_a_usage_error(tmp_path, runner):
+    (tmp_path / "empty").mkdir()
+    res = runner("batch", tmp_path / "empty", "--direction", "to-linear")
+    assert res.exit_code == 2 and _one_line(res.stderr), res.stderr
+    assert "no checkpoint" in res.stderr
+
+
+def test_negative_or_nan_tolerances_are_refused(fixture_dir, runner):
+    for flag, value in (("--atol", "-1"), ("--rtol", "-0.5"), ("--atol", "nan")):
+        res = runner("verify", fixture_dir / "mlp_param.pt", fixture_dir / "mlp_linear.safetensors",
+                     flag, value)
+        assert res.exit_code == 2, (flag, value, res.stdout, res.stderr)
+
+
+def test_keys_that_pair_with_nothing_say_which_rename_would(fixture_dir, runner):
+    sd = load_file(fixture_dir / "mlp_linear.safetensors")
+    save_file({f"model.{k}": v for k, v in sd.items()}, str(fixture_dir / "renamed.safetensors"))
+    res = runner("verify", fixture_dir / "mlp_param.pt", fixture_dir / "renamed.safetensors")
+    assert res.exit_code == 2 and _one_line(res.stderr), res.stdout + res.stderr
+    assert "no key" in res.stderr and "--rename '^' 'model.'" in res.stderr
+    res = runner("verify", fixture_dir / "mlp_param.pt", fixture_dir / "renamed.safetensors",
+                 "--rename", "^", "model.")
+    assert res.exit_code == 0, res.stdout + res.stderr
+
+
+def test_pairs_from_a_rename_in_the_other_direction(fixture_dir, runner):
+    sd = {f"transformer.{k}": v for k, v in load_file(fixture_dir /
+                                                       "mlp_param.safetensors").items()}
+    torch.save(sd, fixture_dir / "prefixed.pt")
+    res = runner("verify", fixture_dir / "prefixed.pt", fixture_dir / "mlp_linear.safetensors")
+    assert res.exit_code == 2 and r"--rename '^transformer\.' ''" in res.stderr, res.stderr
