@@ -208,3 +208,37 @@ def test_default_jobs_is_the_affinity():
     from convert.batching import default_jobs
 
     assert default_jobs() == len(os.sched_getaffinity(0))
+
+
+def test_workers_die_with_a_killed_batch(zoo, tmp_path):
+    """SIGKILL to `linconvert batch` itself: its workers end too, and its pipes close."""
+    g = torch.Generator().manual_seed(1)
+    for name in ("c1", "c2", "c3"):
+        save_file({f"h.{i}.fc.weight": torch.rand(512, 1024, generator=g) for i in range(48)}
+                  | {f"h.{i}.fc.bias": torch.rand(1024, generator=g) for i in range(48)},
+                  str(zoo / f"{name}.safetensors"))
+    cmd = [sys.executable, "-m", "convert", "batch", str(zoo), "--direction", "to-linear",
+           "--out-dir", str(tmp_path / "out"), "-j", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while not workers and proc.poll() is None and time.monotonic() < deadline:
+        workers = _children(proc.pid)
+        time.sleep(0.01)
+    assert workers, "the batch ended before it started its workers"
+    proc.kill()
+    proc.wait(timeout=10)
+    # Its stdout closes once every process holding it has gone: a pipe reader must not hang.
+    out, _ = proc.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)], "workers outlived their batch"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
