@@ -30,7 +30,7 @@ del verify  # so that `convert.verify` is the API function (see above)
 __all__ = [
     "ConvertError", "CorruptInputError", "Layout", "NotEquivalentError", "OutputError",
     "ParamLinear", "UnsafeInputError", "UsageError", "__version__", "inspect_checkpoint",
-    "plan_conversion", "to_linear", "to_param", "verify", "batch",
+    "plan_conversion", "to_linear", "to_param", "export", "verify", "batch",
 ]
 
 
@@ -39,7 +39,8 @@ def __getattr__(name: str) -> Any:
         from .modules import ParamLinear
 
         return ParamLinear
-    if name in ("to_linear", "to_param", "inspect_checkpoint", "plan_conversion", "verify"):
+    if name in ("to_linear", "to_param", "export", "inspect_checkpoint", "plan_conversion",
+                "verify"):
         from . import api
 
         return getattr(api, name)

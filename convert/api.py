@@ -17,7 +17,7 @@ from .dtypes import is_float_matrix
 from .errors import UsageError
 from .execute import apply_plan
 from .layout import Layout
-from .plan import Plan, build_plan, plan_output, resolve_output, source_facts
+from .plan import Plan, build_export_plan, build_plan, plan_output, resolve_output, source_facts
 from .selection import Selection, bias_evidence, build_reference, selection_from
 from .verify import VerifyReport
 
@@ -42,7 +42,8 @@ class ConversionReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source, "destination": self.destination,
-            "direction": self.layout.command, "dry_run": self.dry_run, "files": self.files,
+            "direction": self.plan.direction, "dry_run": self.dry_run,
+            "files": self.files,
             "keys_written": self.keys_written, "bytes_written": self.bytes_written,
             "source_sha256": self.source_sha256, "seconds": round(self.seconds, 4),
             "warnings": self.warnings, "plan": self.plan.to_dict(),
@@ -60,7 +61,8 @@ def plan_conversion(ckpt: Checkpoint, target: Layout, selection: Selection | Non
                       provenance=ckpt.provenance, tied=ckpt.tied, source=str(ckpt.path))
 
 
-def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
+def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | None,
+            layout: Layout | str | None = None,
             selection: Selection | None = None, state_dict_key: str | None = None,
             allow_global: Sequence[str] = (), dry_run: bool = False, overwrite: bool = False,
             format: str | None = None, max_shard_size: str | int | None = None,
@@ -71,7 +73,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
 
     Which keys are transposed, dropped and renamed is one `Selection`: pass it as
     `selection=`, or its parts as keywords (`layers`, `exclude`, `drop`, `rename`, `rules`,
-    `preset`, `model`), as the command line does.
+    `preset`, `model`), as the command line does. TARGET None is `export`: the layout SRC
+    holds (LAYOUT, else its provenance, else the evidence) is kept.
 
     The plan (its entries and its output plan) is built first, from headers alone, and every
     refusal that needs no tensor data is raised there, dry run or not. With `verify` (the
@@ -86,19 +89,30 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
         raise UsageError(f"SRC '{src}' does not exist.")
     selection = selection_from(selection, selection_options)
     model = selection.model
-    output = resolve_output(src_path, dst, target, fmt=format, max_shard_size=max_shard_size,
-                            overwrite=overwrite)
+    if target is None and dst is None:
+        raise UsageError("export needs -o DST: the file (or folder) to write.")
+    if isinstance(layout, str):
+        layout = _layout_option(layout)
+    output = resolve_output(src_path, dst, target or Layout.LINEAR, fmt=format,
+                            max_shard_size=max_shard_size, overwrite=overwrite)
     if output.format != "onnx" and (opset is not None or external_data or input_shape):
         raise UsageError("--opset, --external-data and --input-shape apply to ONNX output "
                          "only (-o FILE.onnx).")
     with open_checkpoint(src_path, state_dict_key=state_dict_key,
                          allow_globals=allow_global) as ckpt:
-        plan = plan_conversion(ckpt, target, selection)
+        if target is None:
+            reference = build_reference(model) if model else None
+            plan = build_export_plan(ckpt.specs, selection, layout=layout, reference=reference,
+                                     provenance=ckpt.provenance, tied=ckpt.tied,
+                                     source=str(ckpt.path),
+                                     layers_matter=output.format == "onnx")
+        else:
+            plan = plan_conversion(ckpt, target, selection)
         plan = plan_output(plan, source_facts(ckpt), output,
                            whole_model=bool(model and input_shape), external_data=external_data,
                            opset=opset)
         assert plan.output is not None
-        report = ConversionReport(str(src_path), str(plan.output.display), target, plan,
+        report = ConversionReport(str(src_path), str(plan.output.display), plan.layout, plan,
                                   dry_run, files=[str(f.path) for f in plan.output.files],
                                   warnings=[*getattr(ckpt, "notes", []), *plan.warnings])
         if dry_run:
@@ -123,7 +137,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout,
                               allow_globals=allow_global) as written:
                 report.verification = verify_checkpoints(
                     ckpt, written, pairs=pairs_from_plan(plan), dropped=set(plan.dropped),
-                    dst_layout=target, pairing="the plan", device=device)
+                    dst_layout=plan.layout, pairing="the plan", device=device)
             report.verification.raise_if_different()
 
         result = apply_plan(plan, ckpt, check if verify else None)
@@ -149,6 +163,20 @@ def _import_torch_in_background() -> None:
 
     if "torch" not in sys.modules:
         threading.Thread(target=__import__, args=("torch",), daemon=True).start()
+
+
+def _layout_option(text: str) -> Layout:
+    try:
+        return Layout(text)
+    except ValueError as e:
+        raise UsageError(f"layout '{text}' is not linear or param.") from e
+
+
+def export(src: str | Path, dst: str | Path, *, layout: Layout | str | None = None,
+           **options: Any) -> ConversionReport:
+    """Write SRC in another format with its layout unchanged (see `convert`), verified the same
+    way: every tensor bit for bit, an ONNX graph in onnxruntime."""
+    return convert(src, dst, target=None, layout=layout, **options)
 
 
 def to_linear(src: str | Path, dst: str | Path | None = None, **options: Any) -> ConversionReport:

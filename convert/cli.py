@@ -170,13 +170,29 @@ def _input_shape(ctx: click.Context, param: click.Parameter,
     return shapes
 
 
-def _conversion_command(name: str, layout_name: str, doc: str) -> None:
+def _conversion_command(name: str, layout_name: str | None, doc: str) -> None:
+    if layout_name is None:  # export: DST required, the layout kept
+        destination = click.option(
+            "-o", "--output", "dst", type=click.Path(path_type=str), required=True,
+            help="Where to write (.safetensors, .pt/.pth/.bin, .onnx, or a folder: a path "
+                 "ending in /).")
+        layout = click.option(
+            "--layout", type=click.Choice(["linear", "param"]),
+            help="The layout SRC holds, to record (default: its provenance, else the evidence).")
+    else:
+        # a str, not a Path: a trailing "/" says "a folder" and Path would drop it
+        destination = click.option(
+            "-o", "--output", "dst", type=click.Path(path_type=str),
+            help="Where to write (.safetensors, .pt/.pth/.bin, .onnx, or a folder: a path "
+                 f"ending in /). Default: NAME.{layout_name}.EXT beside SRC.")
+
+        def layout(f: Callable[..., Any]) -> Callable[..., Any]:
+            return f
+
     @cli.command(name, help=doc)
     @click.argument("src", type=click.Path(exists=True, path_type=Path))
-    # a str, not a Path: a trailing "/" says "a folder" and Path would drop it
-    @click.option("-o", "--output", "dst", type=click.Path(path_type=str),
-                  help="Where to write (.safetensors, .pt/.pth/.bin, .onnx, or a folder: a "
-                       f"path ending in /). Default: NAME.{layout_name}.EXT beside SRC.")
+    @destination
+    @layout
     @output_options
     @selection_options
     @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
@@ -198,7 +214,8 @@ def _conversion_command(name: str, layout_name: str, doc: str) -> None:
         from .report import render_plan, render_verify, write_json
 
         try:
-            report = convert(src, dst, target=Layout(layout_name), dry_run=dry_run,
+            target = Layout(layout_name) if layout_name else None
+            report = convert(src, dst, target=target, dry_run=dry_run,
                              overwrite=overwrite, format=fmt, max_shard_size=max_shard_size,
                              verify=verify, device=device, **selection)
         except NotEquivalentError as e:
@@ -230,6 +247,9 @@ _conversion_command("to-linear", "linear",
                     "Rewrite SRC so its linear weights are nn.Linear's out x in.")
 _conversion_command("to-param", "param",
                     "Rewrite SRC so its linear weights are the param layout's in x out.")
+_conversion_command("export", None,
+                    "Write SRC in another format (safetensors, .pt, ONNX) with its layout "
+                    "unchanged, verified the same way.")
 
 
 @cli.command("verify")

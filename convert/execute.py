@@ -110,6 +110,7 @@ def provenance_for(plan: Plan, ckpt: Checkpoint, sha: str = SHA_PLACEHOLDER) -> 
         options_hash=plan.options_hash,
         tool_version=__version__,
         tied=plan.tied,
+        operation=plan.operation,
     )
 
 

@@ -29,6 +29,7 @@ class Provenance:
     options_hash: str = ""
     tool_version: str = ""
     tied: tuple[tuple[str, ...], ...] = field(default=())
+    operation: str = "convert"  # or "export": the layout kept, nothing transposed
 
     def to_json(self, keys: list[str] | None = None) -> str:
         """JSON text for the metadata entry, listing only KEYS (a shard's own) if given."""
@@ -42,6 +43,7 @@ class Provenance:
             "options_hash": self.options_hash,
             "tool_version": self.tool_version,
             "tied": [list(g) for g in self.tied],
+            **({"operation": self.operation} if self.operation != "convert" else {}),
         }, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -61,10 +63,17 @@ def parse_provenance(text: str, path: Path) -> Provenance:
             options_hash=str(obj.get("options_hash", "")),
             tool_version=str(obj.get("tool_version", "")),
             tied=tuple(tuple(map(str, g)) for g in obj.get("tied", ())),
+            operation=_operation(obj.get("operation", "convert")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptInputError(f"'{path}' has malformed linconvert provenance metadata ({e}); "
                                 "it cannot steer a conversion.") from e
+
+
+def _operation(value: object) -> str:
+    if value not in ("convert", "export"):
+        raise ValueError(f"operation {value!r} is not convert or export")
+    return str(value)
 
 
 def merge_provenance(parts: list[Provenance], path: Path) -> Provenance:
@@ -78,4 +87,4 @@ def merge_provenance(parts: list[Provenance], path: Path) -> Provenance:
                                     "conversions; the checkpoint mixes files.")
         keys.update(p.keys)
     return Provenance(first.layout, keys, first.dropped, first.source_name, first.source_sha256,
-                      first.options_hash, first.tool_version, first.tied)
+                      first.options_hash, first.tool_version, first.tied, first.operation)

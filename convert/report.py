@@ -34,7 +34,7 @@ def render_plan(plan: Plan) -> str:
                                           else "")
         rows.append([a.action, a.source, target, shape, a.dtype, a.reason])
     n_t, n_d = len(plan.transposed), len(plan.dropped)
-    head = (f"plan: {plan.layout.command} '{plan.source}': {len(plan.actions)} keys, "
+    head = (f"plan: {plan.direction} '{plan.source}': {len(plan.actions)} keys, "
             f"{n_t} transposed, {n_d} dropped, {len(plan.actions) - n_t - n_d} kept"
             + (" (reversing its provenance)" if plan.from_provenance else ""))
     text = head + "\n" + table(["action", "key", "target", "shape", "dtype", "reason"], rows)
@@ -48,7 +48,8 @@ def render_output(out: OutputPlan) -> str:
     rows = [[f.role, str(f.path), str(len(f.keys)) if f.keys else "-", str(f.nbytes)]
             for f in out.files]
     rows += [["copied", str(dst), "-", "-"] for _, dst in out.side_files]
-    head = (f"output: {out.format} '{out.display}' ({how}, {len(rows)} files"
+    head = (f"output: {out.format} '{out.display}' ({how}, {len(rows)} "
+            f"file{'' if len(rows) == 1 else 's'}"
             + (", replacing what exists" if out.overwrite else "") + ")")
     return head + "\n" + table(["file", "path", "keys", "bytes"], rows)
 

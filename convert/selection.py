@@ -110,9 +110,10 @@ class Selection:
             "model": self.model,
         }
 
-    def options_hash(self, target: Layout) -> str:
+    def options_hash(self, target: Layout, *, export: bool = False) -> str:
         """SHA-256 of the direction and every option that changes the output."""
-        blob = json.dumps({"direction": target.command, **self.to_dict()}, sort_keys=True)
+        direction = f"export {target}" if export else target.command
+        blob = json.dumps({"direction": direction, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def merged(self, other: Selection) -> Selection:

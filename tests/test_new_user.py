@@ -111,3 +111,46 @@ def test_pairs_from_a_rename_in_the_other_direction(fixture_dir, runner):
     torch.save(sd, fixture_dir / "prefixed.pt")
     res = runner("verify", fixture_dir / "prefixed.pt", fixture_dir / "mlp_linear.safetensors")
     assert res.exit_code == 2 and r"--rename '^transformer\.' ''" in res.stderr, res.stderr
+
+
+# 6. Exporting an already converted checkpoint ------------------------------------------------
+
+def test_export_writes_another_format_with_the_layout_kept(fixture_dir, runner):
+    lin = fixture_dir / "mlp_linear.safetensors"
+    res = runner("to-linear", lin, "-o", fixture_dir / "x.onnx")
+    assert res.exit_code == 2 and "linconvert export" in res.stderr
+    res = runner("export", lin, "-o", fixture_dir / "x.onnx")
+    assert res.exit_code == 0 and "verified equivalent" in res.stderr, res.stderr
+    graph = onnx.load(fixture_dir / "x.onnx")
+    assert [n.op_type for n in graph.graph.node] == ["Gemm", "Gemm"]  # nn.Linear layers
+    res = runner("verify", lin, fixture_dir / "x.onnx")
+    assert res.exit_code == 0, res.stdout
+    res = runner("export", lin, "-o", fixture_dir / "x.pt")
+    assert res.exit_code == 0, res.stderr
+    back = torch.load(fixture_dir / "x.pt", weights_only=True)
+    for k, v in load_file(lin).items():
+        assert torch.equal(back[k], v), k
+
+
+def test_an_exported_file_converts_by_its_evidence(fixture_dir, runner):
+    res = runner("export", fixture_dir / "mlp_param.pt", "-o", fixture_dir / "p.safetensors")
+    assert res.exit_code == 0, res.stderr
+    assert runner("to-param", fixture_dir / "p.safetensors", "-o",
+                  fixture_dir / "q.safetensors").exit_code == 2  # already param: provenance
+    res = runner("to-linear", fixture_dir / "p.safetensors", "-o", fixture_dir / "l.safetensors")
+    assert res.exit_code == 0, res.stderr
+    want = load_file(fixture_dir / "mlp_linear.safetensors")
+    got = load_file(fixture_dir / "l.safetensors")
+    assert got["fc1.weight"].shape == want["fc1.weight"].shape == (6, 4)
+
+
+def test_export_needs_a_layout_it_can_tell(fixture_dir, runner):
+    sq = fixture_dir / "square_nobias.safetensors"
+    res = runner("export", sq, "-o", fixture_dir / "s.onnx")
+    assert res.exit_code == 2 and _one_line(res.stderr), res.stderr
+    res = runner("export", sq, "-o", fixture_dir / "s.pt", "--layout", "linear")
+    assert res.exit_code == 0, res.stderr
+    res = runner("export", sq, "-o", fixture_dir / "s.onnx", "--layout", "linear",
+                 "--layers", "*.weight")
+    assert res.exit_code == 0, res.stderr
+    assert runner("export", sq).exit_code == 2  # -o is required

@@ -5,7 +5,7 @@ written, refusing whatever needs no tensor data. `--dry-run` prints the result a
 consumes that same object.
 """
 
-from .decide import build_plan
+from .decide import build_export_plan, build_plan
 from .entries import Because, Drop, Entry, FilePlan, OutputPlan, Piece, Plan
 from .output import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -22,6 +22,6 @@ from .output import (
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE", "Because", "Drop", "Entry", "FilePlan", "Output", "OutputPlan",
-    "Piece", "Plan", "SourceFacts", "build_plan", "onnx_layers", "parse_size", "plan_output",
-    "resolve_output", "shard_names", "source_facts", "split_shards",
+    "Piece", "Plan", "SourceFacts", "build_export_plan", "build_plan", "onnx_layers",
+    "parse_size", "plan_output", "resolve_output", "shard_names", "source_facts", "split_shards",
 ]

@@ -44,7 +44,8 @@ def _describe(shape: tuple[int, ...], dtype: str) -> str:
 
 def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selection | None = None,
                *, reference: ReferenceModel | None = None, provenance: Provenance | None = None,
-               tied: Sequence[Sequence[str]] = (), source: str = "checkpoint") -> Plan:
+               tied: Sequence[Sequence[str]] = (), source: str = "checkpoint",
+               require_change: bool = True, refuse_ambiguous: bool = True) -> Plan:
     """Decide, for every key, whether it is transposed, kept, renamed or dropped.
 
     Args:
@@ -55,6 +56,10 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
         provenance: the source's linconvert record, if any.
         tied: groups of keys that share one tensor.
         source: the source's name, for messages.
+        require_change: refuse a plan that transposes nothing (a conversion must change
+            something; `export` asks for the plan anyway).
+        refuse_ambiguous: refuse square weights without evidence (else they are kept as they
+            are: `export` to a format that only copies them).
 
     Raises:
         UsageError: an ambiguous square weight, a pattern that matches nothing, a contradiction,
@@ -67,25 +72,93 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
         raise UsageError(
             f"'{source}' is already in the {target} layout (its linconvert provenance says so); "
             f"converting it again would transpose its weights twice; use {target.other.command} "
-            "to go back.")
+            "to go back, or `linconvert export SRC -o DST` for another format unchanged.")
+    if provenance is not None and provenance.operation == "export":
+        provenance = None  # an export transposed nothing: its reverse is decided by evidence
     if provenance is not None and not selection.chooses_layers:
         decisions, warnings = _decide_from_provenance(flat, provenance, selection, source)
         names = {k: provenance.keys[k][0] for k in flat}
         from_provenance = True
     else:
-        decisions, warnings = _decide(flat, target, selection, reference, source)
+        decisions, warnings = _decide(flat, target, selection, reference, source,
+                                      refuse_ambiguous)
         names = {}
         from_provenance = False
 
     entries, drops, more_warnings = _finish(flat, decisions, names, selection, reference,
                                             tied, source)
     warnings += more_warnings
-    if not any(e.transpose for e in entries) and not from_provenance:
+    if require_change and not any(e.transpose for e in entries) and not from_provenance:
         raise UsageError(_nothing_to_transpose(decisions, target, source))
     return Plan(source, target, tuple(entries), tuple(drops), selection.options_hash(target),
                 tuple(flat), tuple(tuple(g) for g in tied if len(g) > 1), tuple(warnings),
                 from_provenance, selection.to_dict(),
                 reference.parameters if reference else ())
+
+
+def build_export_plan(specs: Mapping[str, SpecLike], selection: Selection | None = None, *,
+                      layout: Layout | None = None, reference: ReferenceModel | None = None,
+                      provenance: Provenance | None = None, tied: Sequence[Sequence[str]] = (),
+                      source: str = "checkpoint", layers_matter: bool = True) -> Plan:
+    """The plan of `export`: every tensor copied as it is (renames and drops applied), in the
+    layout SRC holds, which is recorded in provenance and drawn as an ONNX layer graph.
+
+    The layout is LAYOUT if given, else SRC's provenance, else the evidence: the linear weights
+    are the tensors a conversion to the other layout would transpose, decided by the same rules
+    (so a square weight without evidence is exit 2 here too, where LAYERS_MATTER: an ONNX layer
+    graph draws them; a copy into safetensors or `.pt` only records the layout).
+
+    Raises:
+        UsageError: the layout cannot be told (no evidence, or weights of both layouts), or the
+            decision rules refuse (see `build_plan`).
+    """
+    selection = selection or Selection()
+    if layout is None and provenance is not None:
+        layout = provenance.layout
+    if layout is not None:
+        if provenance is not None and provenance.layout is layout and \
+                not selection.chooses_layers:
+            # the weights SRC's conversion transposed are its linear weights
+            keys = [k for k, (_, t) in provenance.keys.items() if t and k in specs]
+            selection = Selection(tuple(Pattern(k, "provenance", True) for k in keys), (),
+                                  selection.drop, selection.renames, selection.model)
+        conv = build_plan(specs, layout.other, selection, reference=reference, tied=tied,
+                          source=source, require_change=False, refuse_ambiguous=layers_matter)
+        held = layout
+    else:
+        plans: dict[Layout, Plan] = {}
+        errors: list[UsageError] = []
+        for held in (Layout.LINEAR, Layout.PARAM):
+            try:
+                plans[held] = build_plan(specs, held.other, selection, reference=reference,
+                                         tied=tied, source=source)
+            except UsageError as e:
+                errors.append(e)
+        if not plans:
+            real = [e for e in errors if not str(e).startswith("nothing to transpose")]
+            if real:
+                raise real[0]
+            raise UsageError(f"export cannot tell which layout '{source}' holds (no bias "
+                             "evidence, provenance or reference model); pass --layout linear "
+                             "or --layout param.")
+        if len(plans) == 2:
+            lin = _quoted([e.source for e in plans[Layout.LINEAR].transposed], 2)
+            par = _quoted([e.source for e in plans[Layout.PARAM].transposed], 2)
+            raise UsageError(f"'{source}' holds linear weights of both layouts ({lin} linear, "
+                             f"{par} param); say which layout to record with --layout.")
+        ((held, conv),) = plans.items()
+    entries = []
+    for e in conv.entries:
+        piece = Piece(e.source, e.source_shape)
+        if e.transpose:
+            entries.append(Entry(e.key, e.source_shape, e.dtype, (piece,), Because.LAYOUT_KEPT,
+                                 f"{held}: {e.reason}"))
+        else:
+            entries.append(Entry(e.key, e.source_shape, e.dtype, (piece,), e.because,
+                                 e.evidence))
+    return Plan(source, held, tuple(entries), conv.drops,
+                selection.options_hash(held, export=True), conv.keys, conv.tied, conv.warnings,
+                False, conv.selection, conv.model_parameters, operation="export")
 
 
 def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: Provenance,
@@ -125,8 +198,8 @@ def _first(patterns: Sequence[Pattern], key: str, used: set[Pattern]) -> Pattern
 
 
 def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, selection: Selection,
-            reference: ReferenceModel | None,
-            source: str) -> tuple[dict[str, Decision], list[str]]:
+            reference: ReferenceModel | None, source: str,
+            refuse_ambiguous: bool = True) -> tuple[dict[str, Decision], list[str]]:
     """key -> (True: transpose / False: keep / None: dropped, because, evidence)."""
     shapes = {k: s for k, (s, _) in flat.items()}
     decisions: dict[str, Decision] = {}
@@ -198,7 +271,7 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
                                  source)
     if errors:
         raise UsageError("; ".join(errors) + ".")
-    if ambiguous:
+    if ambiguous and refuse_ambiguous:
         raise UsageError(
             f"'{source}' has square weights with no evidence of their layout: "
             f"{_quoted(ambiguous, len(ambiguous))}; a square matrix loads silently either way, "
@@ -332,7 +405,8 @@ def _nothing_to_transpose(decisions: dict[str, Decision], target: Layout, source
     unproven = [k for k, (_, because, _) in decisions.items() if because is Because.NO_EVIDENCE]
     if already:
         return (f"nothing to transpose in '{source}': its weights are already in the {target} "
-                f"layout ({_quoted(already, 3)}); use {target.other.command} for the other way.")
+                f"layout ({_quoted(already, 3)}); use {target.other.command} for the other way, "
+                "or `linconvert export SRC -o DST` to write it in another format unchanged.")
     if unproven:
         return (f"nothing to transpose in '{source}': no evidence that its 2-D tensors "
                 f"{_quoted(unproven, 4)} are linear weights; select them with --layers "

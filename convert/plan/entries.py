@@ -28,6 +28,7 @@ class Because(Enum):
     NO_EVIDENCE = "no evidence"
     NOT_A_MATRIX = "never transposed"
     COMPANION = "follows its weight"
+    LAYOUT_KEPT = "a linear weight, layout kept"  # export: another format, same layout
 
     def words(self, evidence: str, transposed: bool) -> str:
         """The decision in words, for tables and reports."""
@@ -37,6 +38,8 @@ class Because(Enum):
             return f"{evidence}: never transposed"
         if self is Because.NO_EVIDENCE:
             return "no evidence: not a linear weight unless selected"
+        if self is Because.LAYOUT_KEPT:
+            return f"{self.value} ({evidence})"
         if self is Because.PROVENANCE:
             return (f"provenance: written from '{evidence}' "
                     f"{'transposed' if transposed else 'unchanged'}")
@@ -223,6 +226,18 @@ class Plan:
     selection: dict[str, Any] = field(default_factory=dict)
     model_parameters: tuple[str, ...] = ()  # the reference model's parameters, in order
     output: OutputPlan | None = None
+    operation: str = "convert"  # or "export": the layout kept, nothing transposed
+
+    @property
+    def direction(self) -> str:
+        """What the plan does, in the command's word: to-linear, to-param or export."""
+        return "export" if self.operation == "export" else self.layout.command
+
+    @property
+    def layer_weights(self) -> tuple[Entry, ...]:
+        """The linear layers' weights, as written (an ONNX layer graph's nodes)."""
+        return tuple(e for e in self.entries
+                     if e.transpose or e.because is Because.LAYOUT_KEPT)
 
     @property
     def written(self) -> tuple[Entry, ...]:
@@ -260,7 +275,7 @@ class Plan:
         return {
             "source": self.source,
             "layout": self.layout.value,
-            "direction": self.layout.command,
+            "direction": self.direction,
             "options_hash": self.options_hash,
             "from_provenance": self.from_provenance,
             "selection": self.selection,

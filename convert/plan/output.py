@@ -256,7 +256,7 @@ def onnx_layers(plan: Plan) -> list[Any]:
     target_of = {e.source: e.key for e in plan.entries}
     shapes = {e.source: e.source_shape for e in plan.entries}
     layers = []
-    for e in plan.transposed:
+    for e in plan.layer_weights:
         prefix, _, _ = e.key.rpartition(".")
         out_f, in_f = e.shape if plan.layout is Layout.LINEAR else e.shape[::-1]
         bias = None

@@ -101,7 +101,8 @@ def verify_onnx_layers(src: Checkpoint, model_path: Any, *, seed: int = 0, batch
         source, _ = prov.keys[layer.weight]
         w = src.tensor(source)
         b = src.tensor(prov.keys[layer.bias][0]) if layer.bias else None
-        src_param = prov.layout is Layout.LINEAR
+        held = prov.layout if prov.operation == "export" else prov.layout.other
+        src_param = held is Layout.PARAM  # the source side's layer
         compute = torch.float64 if layer.dtype == "F64" else torch.float32
         module = (ParamLinear(layer.in_features, layer.out_features, bias=b is not None,
                               device="meta") if src_param else
