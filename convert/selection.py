@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -238,6 +239,86 @@ def selection_from(selection: Selection | None, options: Mapping[str, Any]) -> S
             raise UsageError(f"pass either selection= or {', '.join(sorted(given))}, not both.")
         return selection
     return make_selection(**given)
+
+
+def suggest_renames(ours: Sequence[str], theirs: Sequence[str]) -> list[tuple[str, str]]:
+    """The --rename rules that would turn most of OURS into keys of THEIRS: one change of the
+    keys' start (`transformer.` dropped, `model.` added), or of their last name parts
+    (`W` -> `weight`); [] when neither pairs at least half of OURS."""
+    if not ours or not theirs:
+        return []
+    wanted = set(theirs)
+    for rules in (_prefix_change(ours, theirs), _leaf_changes(ours, theirs)):
+        if rules:
+            renames = [Rename(a, b) for a, b in rules]
+            hits = 0
+            for k in ours:
+                for r in renames:
+                    k, _ = r.apply(k)
+                hits += k in wanted
+            if 2 * hits >= len(ours):
+                return rules
+    return []
+
+
+def rename_options(rules: Sequence[tuple[str, str]]) -> str:
+    """RULES as the command line writes them."""
+    return " ".join(f"--rename '{a}' '{b}'" for a, b in rules)
+
+
+def _prefix_change(ours: Sequence[str], theirs: Sequence[str]) -> list[tuple[str, str]]:
+    """Our first key against each of theirs, cut where their common tail starts a name part."""
+    wanted = set(theirs)
+    best: tuple[int, str, str] | None = None
+    a = ours[0]
+    for b in list(theirs)[:1000]:
+        n = 0
+        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+            n += 1
+        k = next((k for k in range(n, 0, -1) if _starts_name(a, k) and _starts_name(b, k)), 0)
+        old, new = a[:len(a) - k], b[:len(b) - k]
+        if k == 0 or old == new:
+            continue
+        hits = sum(1 for key in ours if key.startswith(old) and new + key[len(old):] in wanted)
+        if best is None or hits > best[0]:
+            best = hits, old, new
+    return [(f"^{re.escape(best[1])}", best[2])] if best else []
+
+
+def _starts_name(key: str, k: int) -> bool:
+    """Whether KEY's last K characters start a name part (the key's start, or after a dot)."""
+    return k == len(key) or key[len(key) - k - 1] == "."
+
+
+def _leaf_changes(ours: Sequence[str], theirs: Sequence[str]) -> list[tuple[str, str]]:
+    """Last-name-part renames (`P.W` -> `P.weight`) where P is on both sides."""
+    by_prefix: dict[str, set[str]] = {}
+    for k in theirs:
+        prefix, _, leaf = k.rpartition(".")
+        by_prefix.setdefault(prefix, set()).add(leaf)
+    votes: dict[str, dict[str, int]] = {}
+    for k in ours:
+        prefix, _, leaf = k.rpartition(".")
+        for other in by_prefix.get(prefix, ()):
+            if other != leaf:
+                votes.setdefault(leaf, {}).setdefault(other, 0)
+                votes[leaf][other] += 1
+    def likeness(leaf: str, other: str) -> int:  # W ~ weight, b ~ bias
+        return len(os.path.commonprefix([leaf.lower(), other.lower()]))
+
+    ranked = sorted(((n, likeness(leaf, other), leaf, other) for leaf, counts in votes.items()
+                     for other, n in counts.items()), reverse=True)
+    chosen: dict[str, str] = {}
+    for _, _, leaf, other in ranked:  # one to one: each name given to one leaf
+        if leaf not in chosen and other not in chosen.values():
+            chosen[leaf] = other
+    rules = []
+    for leaf, other in chosen.items():
+        if leaf in ours:  # a top-level key of that name too
+            rules.append((f"(^|\\.){re.escape(leaf)}$", f"\\g<1>{other}"))
+        else:
+            rules.append((f"\\.{re.escape(leaf)}$", f".{other}"))
+    return rules
 
 
 # --- evidence -------------------------------------------------------------------------------

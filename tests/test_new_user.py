@@ -154,3 +154,58 @@ def test_export_needs_a_layout_it_can_tell(fixture_dir, runner):
                  "--layers", "*.weight")
     assert res.exit_code == 0, res.stderr
     assert runner("export", sq).exit_code == 2  # -o is required
+
+
+# 7. The hand-written W/b layer ---------------------------------------------------------------
+
+def _wb(tmp: Path, square: bool = False) -> Path:
+    g = torch.Generator().manual_seed(3)
+    n = 4 if square else 5
+    sd = {"l1.W": torch.randn(4, n, generator=g), "l1.b": torch.randn(n, generator=g),
+          "l2.W": torch.randn(n, 2, generator=g), "l2.b": torch.randn(2, generator=g)}
+    torch.save(sd, tmp / "wb.pt")
+    return tmp / "wb.pt"
+
+
+def test_w_keys_get_the_wb_preset_offered_and_it_loads_into_nn_linear(tmp_path, runner):
+    src = _wb(tmp_path)
+    res = runner("to-linear", src, "-o", tmp_path / "a.safetensors")
+    assert res.exit_code == 0 and "--preset wb" in res.stderr, res.stderr
+    res = runner("to-linear", src, "-o", tmp_path / "b.safetensors", "--preset", "wb")
+    assert res.exit_code == 0 and "--preset wb" not in res.stderr, res.stderr
+    model = torch.nn.Sequential()
+    model.add_module("l1", torch.nn.Linear(4, 5))
+    model.add_module("l2", torch.nn.Linear(5, 2))
+    model.load_state_dict(load_file(tmp_path / "b.safetensors"), strict=True)
+    x = torch.randn(3, 4)
+    sd = torch.load(src, weights_only=True)
+    want = (x @ sd["l1.W"] + sd["l1.b"]) @ sd["l2.W"] + sd["l2.b"]
+    torch.testing.assert_close(model(x), want)
+
+
+def test_a_bare_w_warning_offers_the_preset(fixture_dir, runner):
+    res = runner("to-linear", fixture_dir / "seed000_W.pt", "--layers", "W", "--preset", "wb",
+                 "-o", fixture_dir / "w.safetensors")
+    assert res.exit_code == 0, res.stderr
+    assert list(load_file(fixture_dir / "w.safetensors")) == ["weight"]
+
+
+def test_model_with_other_names_says_which_rename_matches(tmp_path, runner):
+    src = _wb(tmp_path, square=True)
+    (tmp_path / "mine.py").write_text(
+        "import torch\n\ndef build():\n    m = torch.nn.Sequential()\n"
+        "    m.add_module('l1', torch.nn.Linear(4, 4))\n"
+        "    m.add_module('l2', torch.nn.Linear(4, 2))\n    return m\n")
+    res = runner("to-linear", src, "-o", tmp_path / "o.safetensors", "--model",
+                 f"{tmp_path / 'mine.py'}:build")
+    assert res.exit_code == 2 and _one_line(res.stderr), res.stderr
+    assert r"--rename '\.W$' '.weight'" in res.stderr and r"--rename '\.b$' '.bias'" in res.stderr
+    res = runner("to-linear", src, "-o", tmp_path / "o.safetensors", "--model",
+                 f"{tmp_path / 'mine.py'}:build", "--rename", r"\.W$", ".weight", "--rename",
+                 r"\.b$", ".bias")
+    assert res.exit_code == 0, res.stderr
+
+
+def test_the_square_error_suggests_a_pattern_for_all_its_keys(fixture_dir, runner):
+    res = runner("to-linear", fixture_dir / "square_nobias.safetensors")
+    assert res.exit_code == 2 and "--layers '*.weight'" in res.stderr, res.stderr

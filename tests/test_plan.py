@@ -193,7 +193,8 @@ def test_nonsquare_weight_selected_with_layers_is_transposed():
     plan = build_plan({"W": f32(5, 2)}, LINEAR, sel(layers=["W"]))
     w = by_source(plan)["W"]
     assert w.transpose and w.target_shape == (2, 5)
-    assert plan.warnings == ()
+    # the one thing said: nn.Linear would not load a weight named W (issue 19)
+    assert len(plan.warnings) == 1 and "--preset wb" in plan.warnings[0]
 
 
 def test_already_in_target_layout_only():

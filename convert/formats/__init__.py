@@ -13,4 +13,5 @@ def import_extra(module: str, reading: str, extra: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         raise UsageError(f"reading {reading} needs the {module} package: pip install "
-                         f"'linconvert[{extra}]'.") from e
+                         f"'linconvert[{extra}]' (in a clone of linconvert: pip install -e "
+                         f"'.[{extra}]').") from e

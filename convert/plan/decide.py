@@ -6,6 +6,7 @@ decision is a `Because` and its evidence. No tensors here, and no torch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,14 @@ from ..dtypes import DTYPES, is_float_matrix
 from ..errors import CorruptInputError, UsageError
 from ..layout import Layout
 from ..provenance import Provenance
-from ..selection import Pattern, ReferenceModel, Selection, bias_evidence
+from ..selection import (
+    Pattern,
+    ReferenceModel,
+    Selection,
+    bias_evidence,
+    rename_options,
+    suggest_renames,
+)
 from .entries import Because, Drop, Entry, Piece, Plan
 
 Decision = tuple[bool | None, Because, str]  # transpose? (None: dropped), why, evidence
@@ -271,17 +279,42 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
                                  source)
     if errors:
         raise UsageError("; ".join(errors) + ".")
+    if ambiguous and refuse_ambiguous and reference is not None:
+        produced = [selection.target_key(k) for k, d in decisions.items() if d[0] is not None]
+        rules = suggest_renames([k for k in produced if k not in reference.entries],
+                                [k for k in reference.entries if k not in produced])
+        if rules:
+            raise UsageError(
+                f"the reference model '{reference.spec}' cannot decide the square weights "
+                f"{_quoted(ambiguous, 4)} of '{source}': it names its keys differently; "
+                f"{rename_options(rules)} would match them to its keys.")
     if ambiguous and refuse_ambiguous:
         raise UsageError(
             f"'{source}' has square weights with no evidence of their layout: "
             f"{_quoted(ambiguous, len(ambiguous))}; a square matrix loads silently either way, "
             "so say which are linear weights to transpose with --layers "
-            f"(e.g. --layers '{ambiguous[0]}'), which to leave with --exclude, or give the "
-            "target model with --model MODULE:FACTORY.")
+            f"(e.g. --layers '{glob_for(ambiguous)}'), which to leave with --exclude, or give "
+            "the target model with --model MODULE:FACTORY.")
     if no_evidence:
+        hint = ("; for hand-written W/b layers, --preset wb selects every W and renames W/b to "
+                "nn.Linear's weight/bias" if any(_leaf(k) == "W" for k in no_evidence) else "")
         warnings.append(f"no evidence that {_quoted(no_evidence)} are linear weights (no bias "
-                        "sibling); left as they are; select them with --layers if they are.")
+                        f"sibling); left as they are; select them with --layers if they are"
+                        f"{hint}.")
     return decisions, warnings
+
+
+def _leaf(key: str) -> str:
+    return key.rpartition(".")[2]
+
+
+def glob_for(keys: Sequence[str]) -> str:
+    """One pattern that matches every key of KEYS: their common start and end around a `*`."""
+    if len(keys) == 1:
+        return keys[0]
+    head = os.path.commonprefix(list(keys))
+    tail = os.path.commonprefix([k[::-1] for k in keys])[::-1]
+    return f"{head}*{tail[max(0, len(head) + len(tail) - min(map(len, keys))):]}"
 
 
 def _unused_patterns(patterns: Sequence[Pattern], used: set[Pattern], source: str) -> list[str]:
@@ -374,6 +407,11 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, D
         errors += _reference_mismatch(entries, reference)
     if errors:
         raise UsageError("; ".join(errors) + ".")
+    named_w = [e.key for e in entries if e.transpose and _leaf(e.key) == "W"]
+    if named_w and reference is None:
+        warnings.append(f"{_quoted(named_w, 3)} keep the name 'W', which nn.Linear does not "
+                        "load (it names its parameters weight and bias): add --preset wb, or "
+                        "--rename '\\.W$' '.weight' --rename '\\.b$' '.bias'.")
     return entries, drops, warnings
 
 
@@ -387,10 +425,15 @@ def _reference_mismatch(entries: list[Entry], ref: ReferenceModel) -> list[str]:
                  for t, e in produced.items()
                  if t in ref.entries and e.shape != ref.entries[t].shape]
     errors = []
-    if missing:
+    rules = suggest_renames(unexpected, missing) if missing and unexpected else []
+    if rules:
+        errors.append(f"the conversion's keys differ from the reference model's ('{ref.spec}'): "
+                      f"{rename_options(rules)} would turn {_quoted(sorted(unexpected), 3)} "
+                      "into the keys it expects")
+    elif missing:
         errors.append(f"the reference model '{ref.spec}' expects {_quoted(sorted(missing))}, "
                       "which the conversion does not produce (add a --rename?)")
-    if unexpected:
+    if unexpected and not rules:
         errors.append(f"the conversion produces {_quoted(sorted(unexpected))}, which the "
                       f"reference model '{ref.spec}' lacks (add a --rename or --drop?)")
     if misshapen:

@@ -87,40 +87,13 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
 
 def _no_pairs(src: Checkpoint, dst: Checkpoint, plan: Plan | None = None) -> str:
     """Why nothing can be compared: no SRC key (after the selection's renames) is a DST key;
-    with the --rename that would pair them where one prefix change does."""
-    import re
+    with the --rename that would pair them, where one does."""
+    from ..selection import rename_options, suggest_renames
 
     names = [e.key for e in plan.entries] if plan is not None else list(src.specs)
     theirs = list(dst.specs)
-    hint = "pass --rename FROM TO (or the --rules/--preset used to convert) so they pair"
-    rename = _prefix_rename(names, theirs)
-    if rename is not None:
-        old, new = rename
-        hint = f"--rename '^{re.escape(old)}' '{new}' would pair them"
+    rules = suggest_renames(names, theirs)
+    hint = (f"{rename_options(rules)} would pair them" if rules else
+            "pass --rename FROM TO (or the --rules/--preset used to convert) so they pair")
     return (f"no key of '{src.path}' pairs with a key of '{dst.path}' (e.g. '{names[0]}' and "
             f"'{theirs[0]}'), so nothing can be compared; {hint}.")
-
-
-def _prefix_rename(ours: list[str], theirs: list[str]) -> tuple[str, str] | None:
-    """The one prefix substitution that turns most of OURS into keys of THEIRS, if any:
-    tried for our first key against each of theirs, cut where their common tail starts a name."""
-    wanted = set(theirs)
-    best: tuple[int, tuple[str, str]] | None = None
-    a = ours[0]
-    for b in theirs[:1000]:
-        n = 0
-        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-            n += 1
-        k = next((k for k in range(n, 0, -1) if _starts_name(a, k) and _starts_name(b, k)), 0)
-        old, new = a[:len(a) - k], b[:len(b) - k]
-        if k == 0 or old == new:
-            continue
-        hits = sum(1 for key in ours if key.startswith(old) and new + key[len(old):] in wanted)
-        if best is None or hits > best[0]:
-            best = hits, (old, new)
-    return best[1] if best is not None and 2 * best[0] >= len(ours) else None
-
-
-def _starts_name(key: str, k: int) -> bool:
-    """Whether KEY's last K characters start a name part (the key's start, or after a dot)."""
-    return k == len(key) or key[len(key) - k - 1] == "."
