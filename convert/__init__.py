@@ -40,12 +40,8 @@ def __getattr__(name: str) -> Any:
 
         return ParamLinear
     if name in ("to_linear", "to_param", "export", "inspect_checkpoint", "plan_conversion",
-                "verify"):
-        from . import api
+                "verify", "batch"):
+        from .api import public_api
 
-        return getattr(api, name)
-    if name == "batch":
-        from .batching import batch
-
-        return batch
+        return public_api()[name]  # errors in the API's words, not the CLI's
     raise AttributeError(f"module 'convert' has no attribute '{name}'")

@@ -7,7 +7,8 @@ arguments and raise `ConvertError` subclasses (each with its exit code) instead 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
             format: str | None = None, max_shard_size: str | int | None = None,
             verify: bool = True, device: str = "cpu", opset: int | None = None,
             external_data: bool = False, input_shape: Sequence[Sequence[int]] = (),
-            input_dtype: str = "float32", **selection_options: Any) -> ConversionReport:
+            input_dtype: str = "float32", progress: Callable[[int, int], None] | None = None,
+            **selection_options: Any) -> ConversionReport:
     """Plan and (unless dry_run) write a conversion of SRC into TARGET's layout.
 
     Which keys are transposed, dropped and renamed is one `Selection`: pass it as
@@ -140,7 +142,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
                     dst_layout=plan.layout, pairing="the plan", device=device)
             report.verification.raise_if_different()
 
-        result = apply_plan(plan, ckpt, check if verify else None)
+        result = apply_plan(plan, ckpt, check if verify else None, progress=progress)
     return _finish_report(report, result)
 
 
@@ -321,3 +323,78 @@ def _detect(key: str, shape: tuple[int, ...], dtype: str, shapes: dict[str, tupl
     if shape[0] == shape[1]:
         return "ambiguous", "square with no bias sibling: --layers, --exclude or --model decides"
     return "other", "2-D with no bias sibling: not a linear weight unless selected"
+
+
+# --- the API's words ------------------------------------------------------------------------
+
+_FLAGS = {"overwrite": "overwrite=True", "external-data": "external_data=True",
+          "dry-run": "dry_run=True", "force": "force=True", "fail-fast": "fail_fast=True",
+          "no-verify": "verify=False", "verify": "verify=True"}
+_LISTS = ("layers", "exclude", "drop", "allow-global")
+_WORDS = {"and", "or", "to", "the", "must", "does", "do", "apply", "applies", "used", "with",
+          "is", "are", "for", "in", "of", "a", "an", "as", "be", "when", "that", "which", "only",
+          "given", "batch", "it", "they"}
+_VALUED = ("model", "preset", "rules", "format", "layout", "state-dict-key", "max-shard-size",
+           "opset", "input-shape", "input-dtype", "input-high", "atol", "rtol", "device",
+           "source-model", "target-model", "batch-size", "seed", "jobs", "shard", "out-dir",
+           "manifest")
+
+
+def keyword_message(text: str) -> str:
+    """TEXT with the command line's options written as the API's keyword arguments."""
+    def name(flag: str) -> str:
+        return flag.replace("-", "_")
+
+    text = re.sub(r"--rename '((?:[^'\\]|\\.)*)' '((?:[^'\\]|\\.)*)'",
+                  lambda m: f"rename=[('{m[1]}', '{m[2]}')]", text)
+    text = re.sub(rf"--({'|'.join(_LISTS)}) '([^']*)'",
+                  lambda m: f"{name(m[1])}=['{m[2]}']", text)
+    def valued(m: re.Match[str]) -> str:
+        if m[2] is not None:
+            return f"{name(m[1])}='{m[2]}'"
+        value = m[3].rstrip(".")
+        if value in _WORDS:  # the option named in a sentence, not given a value
+            return f"{name(m[1])} {m[3]}"
+        end = m[3][len(value):]
+        shown = value if re.fullmatch(r"-?[0-9.]+", value) else f"'{value}'"
+        return f"{name(m[1])}={shown}{end}"
+
+    text = re.sub(rf"--({'|'.join(_VALUED)}) (?:'([^']*)'|([A-Za-z0-9_.:/|\[\]-]+))", valued,
+                  text)
+    text = re.sub(r"--([a-z][a-z-]*)", lambda m: _FLAGS.get(m[1], name(m[1])), text)
+    return re.sub(r"(?<![\w-])-o\b", "dst", text)
+
+
+def public(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """FN for scripts: its errors name keyword arguments, not command-line options."""
+    import functools
+
+    from .errors import ConvertError
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConvertError as e:
+            e.args = (keyword_message(str(e)), *e.args[1:])
+            raise
+    return call
+
+
+def public_api() -> Mapping[str, Callable[..., Any]]:
+    """The operations as `convert.<name>` offers them (errors in the API's words)."""
+    return _PUBLIC
+
+
+def _public_table() -> Mapping[str, Callable[..., Any]]:
+    from types import MappingProxyType
+
+    from .batching import batch
+
+    ops = {"to_linear": to_linear, "to_param": to_param, "export": export, "verify": verify,
+           "inspect_checkpoint": inspect_checkpoint, "plan_conversion": plan_conversion,
+           "batch": batch}
+    return MappingProxyType({k: public(f) for k, f in ops.items()})
+
+
+_PUBLIC = _public_table()

@@ -510,6 +510,7 @@ def batch(sources: Sequence[str | Path] = (), *, manifest: str | Path | None = N
           overwrite: bool = False, fail_fast: bool = False, verify: bool = True,
           allow_global: Sequence[str] = (),
           on_result: Callable[[ItemResult], None] | None = None,
+          on_plan: Callable[[int], None] | None = None,
           **options: Any) -> BatchReport:
     """Convert many checkpoints (see `linconvert batch --help`); returns the BatchReport.
 
@@ -533,6 +534,8 @@ def batch(sources: Sequence[str | Path] = (), *, manifest: str | Path | None = N
                          "match some.")
     parsed = parse_shard(shard)
     items = select_shard(items, parsed)
+    if on_plan is not None:
+        on_plan(len(items))
     if options.get("rules") or any(it.option_dict().get("rules") for it in items):
         for it in items:  # a bad rules file is a usage error before any work
             if it.option_dict().get("rules"):

@@ -146,13 +146,14 @@ def _warn(message: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="linconvert")
+@verbosity
 def cli() -> None:
     """Migrate checkpoints between nn.Parameter (in x out, x @ W + b) and nn.Linear (out x in)
     weight layouts.
 
-    Exit codes: 0 done, 2 usage or a selection the tool will not guess, 3 unsafe input,
-    4 unreadable or corrupt input, 5 output not written, 70 internal error, 130/143
-    interrupted.
+    Exit codes: 0 done (and equivalent where verified), 1 verification found a difference,
+    2 usage or a selection the tool will not guess, 3 unsafe input, 4 unreadable or corrupt
+    input, 5 output not written, 70 internal error, 130/143 interrupted.
     """
 
 
@@ -213,19 +214,33 @@ def _conversion_command(name: str, layout_name: str | None, doc: str) -> None:
         from .layout import Layout
         from .report import render_plan, render_verify, write_json
 
+        bar = None if dry_run else _progress_bar("B", scale=True)
+
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
         try:
             target = Layout(layout_name) if layout_name else None
             report = convert(src, dst, target=target, dry_run=dry_run,
                              overwrite=overwrite, format=fmt, max_shard_size=max_shard_size,
-                             verify=verify, device=device, **selection)
+                             verify=verify, device=device, progress=progress, **selection)
         except NotEquivalentError as e:
             if e.report is not None:
                 click.echo(render_verify(e.report))
                 if report_path is not None:
                     write_json(report_path, e.report.to_dict())
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         for w in report.warnings:
             _warn(w)
+        if _settings().verbose:
+            for note in report.plan.notes:
+                click.echo(f"linconvert: note: {note}", err=True)
         if report_path is not None:
             write_json(report_path, report.to_dict())
         if dry_run:
@@ -323,7 +338,12 @@ def batch_cmd(sources: tuple[str, ...], report_path: Path | None, fmt: str | Non
     from .errors import BatchError
     from .report import render_batch_line, render_batch_summary, write_json
 
-    bar = _progress_bar()
+    bar = _progress_bar("ckpt")
+
+    def on_plan(n: int) -> None:
+        if bar is not None:
+            bar.total = n
+            bar.refresh()
 
     def on_result(res: Any) -> None:
         if bar is not None:
@@ -333,12 +353,13 @@ def batch_cmd(sources: tuple[str, ...], report_path: Path | None, fmt: str | Non
             bar.update(1)
 
     try:
-        report = batch(sources, format=fmt, on_result=on_result,
+        report = batch(sources, format=fmt, on_result=on_result, on_plan=on_plan,
                        **{k: v for k, v in options.items() if v not in (None, ())})
     finally:
         if bar is not None:
             bar.close()
-    click.echo(render_batch_summary(report))
+    if not _settings().quiet:  # the lines above were the data; this is the summary
+        click.echo(render_batch_summary(report), err=True)
     if report_path is not None:
         write_json(report_path, report.to_dict())
     if report.exit_code:
@@ -349,7 +370,7 @@ def batch_cmd(sources: tuple[str, ...], report_path: Path | None, fmt: str | Non
                          + (" and more" if len(failed) > 5 else "") + ".", report.exit_code)
 
 
-def _progress_bar() -> Any:
+def _progress_bar(unit: str, scale: bool = False) -> Any:
     """A progress bar on stderr, only on a terminal."""
     if _settings().quiet or not sys.stderr.isatty():
         return None
@@ -357,7 +378,8 @@ def _progress_bar() -> Any:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=None, unit="ckpt", file=sys.stderr, leave=False)
+    return tqdm(total=None, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
+                file=sys.stderr, leave=False)
 
 
 @cli.command("inspect")

@@ -117,13 +117,17 @@ def provenance_for(plan: Plan, ckpt: Checkpoint, sha: str = SHA_PLACEHOLDER) -> 
 BeforeCommit = Callable[[list[Path]], None]
 
 
-def apply_plan(plan: Plan, ckpt: Checkpoint,
-               before_commit: BeforeCommit | None = None) -> ExecutionResult:
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+def apply_plan(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None = None, *,
+               progress: Progress | None = None) -> ExecutionResult:
     """Write what PLAN says (its entries, into the files of its output plan), tensor by tensor;
     publish them only when complete.
 
     BEFORE_COMMIT, if given, gets the fsynced temporary files (in output order) and may raise
-    to stop the publication (verify-after-convert); nothing is left behind then.
+    to stop the publication (verify-after-convert); nothing is left behind then. PROGRESS, if
+    given, hears the bytes written after each tensor.
 
     Raises:
         CorruptInputError: the source changed or could not be read.
@@ -135,19 +139,25 @@ def apply_plan(plan: Plan, ckpt: Checkpoint,
     if plan.output.format == "pt":
         result = _write_pt(plan, ckpt, before_commit)
     else:
-        result = _write_safetensors(plan, ckpt, before_commit)
+        result = _write_safetensors(plan, ckpt, before_commit, progress)
     if plan.output.side_files:
         copy_side_files(plan.output.side_files)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any) -> None:
+def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
+                   progress: Progress | None = None) -> None:
     """The one loop: each entry's pieces from the source into the sink, transposed where the
     entry says; untouched tensors the source can hand over as a file range are copied."""
     largest = max((nbytes_of(e.dtype, e.shape) for e in plan.entries if e.transpose), default=0)
     inbuf, outbuf = bytearray(largest), bytearray(largest)
+    total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries) if progress else 0
+    done = 0
     for e in plan.entries:
+        if progress is not None:
+            progress(done, total)
+            done += nbytes_of(e.dtype, e.shape)
         (piece,) = e.pieces  # stacks and fused parts bring more pieces (issue 14)
         if piece.transpose:
             data = ckpt.read_bytes(piece.source, inbuf)
@@ -162,10 +172,12 @@ def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any) -> None:
         else:
             sink.write(e.key, memoryview(ckpt.read_bytes(piece.source, inbuf)))
             ckpt.release(piece.source)
+    if progress is not None:
+        progress(total, total)
 
 
-def _write_safetensors(plan: Plan, ckpt: Checkpoint,
-                       before_commit: BeforeCommit | None) -> ExecutionResult:
+def _write_safetensors(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
+                       progress: Progress | None = None) -> ExecutionResult:
     out = plan.output
     assert out is not None
     by_key = {e.key: e for e in plan.entries}
@@ -183,7 +195,7 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint,
     total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries)
     with st.SafetensorsSink(files, out.index, metadata_for(provenance_for(plan, ckpt)),
                             overwrite=out.overwrite) as sink:
-        stream_entries(plan, ckpt, sink)
+        stream_entries(plan, ckpt, sink, progress)
         sha = hasher.result()
         staged = sink.finish(metadata_for(provenance_for(plan, ckpt, sha)))
         if before_commit is not None:

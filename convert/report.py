@@ -134,13 +134,10 @@ def render_batch_line(res: Any) -> str:
 
 
 def render_batch_summary(report: Any) -> str:
-    """The table at the end of a batch."""
+    """The line at the end of a batch (each item had its own line already)."""
     counts = report.to_dict()["counts"]
-    rows = [[r.status if not r.exit_code else f"failed[{r.exit_code}]", r.source,
-             f"{r.seconds:.2f}", r.message if r.exit_code else ""] for r in report.items]
-    head = (f"batch: {len(report.items)} items"
+    return (f"linconvert: batch: {len(report.items)} items"
             + (f" (shard {report.shard})" if report.shard else "")
             + f", {counts.get('converted', 0)} converted, {counts.get('skipped', 0)} skipped, "
             f"{counts.get('failed', 0)} failed, {report.jobs} jobs, {report.seconds:.1f} s; "
             f"exit {report.exit_code}")
-    return head + "\n" + table(["status", "source", "seconds", "why"], rows)

@@ -209,3 +209,65 @@ def test_model_with_other_names_says_which_rename_matches(tmp_path, runner):
 def test_the_square_error_suggests_a_pattern_for_all_its_keys(fixture_dir, runner):
     res = runner("to-linear", fixture_dir / "square_nobias.safetensors")
     assert res.exit_code == 2 and "--layers '*.weight'" in res.stderr, res.stderr
+
+
+# 8. Smaller ----------------------------------------------------------------------------------
+
+def test_onnx_external_data_gets_ordinary_permissions(fixture_dir):
+    import os
+    import stat
+
+    convert.to_linear(fixture_dir / "mlp_param.pt", fixture_dir / "m.onnx", external_data=True)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    for name in ("m.onnx", "m.onnx.data"):
+        assert stat.S_IMODE((fixture_dir / name).stat().st_mode) == want, name
+
+
+def test_help_names_exit_code_1_and_verbosity_goes_before_the_command(fixture_dir, runner):
+    res = runner("--help")
+    assert "1 verification found a difference" in " ".join(res.stdout.split())
+    res = runner("-q", "to-linear", fixture_dir / "mlp_param.pt", "-o", fixture_dir / "o.pt")
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+    res = runner("-v", "inspect", fixture_dir / "mlp_param.pt")
+    assert res.exit_code == 0
+
+
+def test_batch_summary_is_one_line_on_stderr_and_q_silences_it(fixture_dir, runner, tmp_path):
+    res = runner("batch", fixture_dir / "mlp_param.pt", "--direction", "to-linear",
+                 "--out-dir", tmp_path / "o")
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.count("\n") == 1 and res.stdout.startswith("converted")
+    assert res.stderr.startswith("linconvert: batch: 1 items") and res.stderr.count("\n") == 1
+    res = runner("-q", "batch", fixture_dir / "mlp_param.pt", "--direction", "to-linear",
+                 "--out-dir", tmp_path / "o", "--force", "--overwrite")
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+
+
+def test_a_presets_unneeded_rules_are_said_under_v_only(fixture_dir, runner):
+    args = ["to-linear", fixture_dir / "mlp_param.pt", "-o", fixture_dir / "o.pt", "--preset",
+            "gpt2", "--layers", "*.weight", "--overwrite"]
+    res = runner(*args)
+    assert res.exit_code == 0 and "skipped" not in res.stderr, res.stderr
+    res = runner("-v", *args)
+    assert res.exit_code == 0 and "linconvert: note:" in res.stderr and "skipped" in res.stderr
+
+
+def test_a_rename_a_preset_already_made_says_so(fixture_dir, runner):
+    res = runner("to-linear", fixture_dir / "seed000_W.pt", "--preset", "wb", "--rename",
+                 "^W$", "weight", "-o", fixture_dir / "o.safetensors")
+    assert res.exit_code == 2 and "already renamed 'W' to 'weight'" in res.stderr, res.stderr
+
+
+def test_the_python_api_names_keyword_arguments_not_flags(fixture_dir, runner):
+    import pytest
+
+    (fixture_dir / "o.safetensors").write_bytes(b"old")
+    with pytest.raises(convert.OutputError, match=r"overwrite=True") as e:
+        convert.to_linear(fixture_dir / "mlp_param.pt", fixture_dir / "o.safetensors")
+    assert "--overwrite" not in str(e.value)
+    with pytest.raises(convert.UsageError, match=r"layers=\['\*\.weight'\]"):
+        convert.to_linear(fixture_dir / "square_nobias.safetensors", dry_run=True)
+    res = runner("to-linear", fixture_dir / "mlp_param.pt", "-o", fixture_dir / "o.safetensors")
+    assert res.exit_code == 5 and "--overwrite" in res.stderr  # the CLI keeps its words

@@ -127,7 +127,7 @@ def test_nested_checkpoint_with_state_dict_key(tmp_path):
     sd = {"l.weight": torch.randn(3, 5), "l.bias": torch.randn(5)}
     src = tmp_path / "n.pt"
     torch.save({"ema": {"inner": sd}, "step": 7}, src)
-    with pytest.raises(convert.CorruptInputError, match="--state-dict-key"):
+    with pytest.raises(convert.CorruptInputError, match="state_dict_key="):
         convert.to_linear(src, tmp_path / "a.pt")
     convert.to_linear(src, tmp_path / "a.pt", state_dict_key="ema.inner")
     out = torch.load(tmp_path / "a.pt", weights_only=True)

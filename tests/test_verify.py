@@ -250,4 +250,5 @@ def test_verify_stays_the_api_function_beside_the_verify_package():
     assert all(m.__name__.startswith("convert.verify.")
                for m in (layers, models, onnx, pairing, report))
     assert callable(convert.verify) and convert.verify.__module__ == "convert.api"
-    assert convert.api.verify is convert.verify
+    assert convert.verify.__wrapped__ is convert.api.verify  # its errors in the API's words
+    assert convert.verify is convert.verify

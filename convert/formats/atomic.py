@@ -45,6 +45,21 @@ def output_error(path: Path, e: OSError) -> OutputError:
     return OutputError(f"cannot write '{path}': {why}.")
 
 
+def new_file_mode() -> int:
+    """The mode an ordinary new file gets here: 0o666 less the umask (read without changing
+    it where Linux tells it, since os.umask sets it process-wide)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 class AtomicFile:
     """A file written under a temporary name and renamed to DST only by `commit()`.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import OutputError, UsageError
 from ..layout import Layout
-from .atomic import fsync_dir, output_error
+from .atomic import fsync_dir, new_file_mode, output_error
 
 DEFAULT_OPSET = 18  # runs on onnxruntime >= 1.14; Gemm/MatMul are unchanged since 13
 EXTERNAL_THRESHOLD = 1_800_000_000  # below protobuf's 2 GB, with room for the graph
@@ -184,7 +184,9 @@ def publish(stage: Path, dst: Path, *, overwrite: bool,
 
     staged = stage / dst.name
     files = [p for p in (stage / data_name(dst), staged) if p.exists()]
+    mode = new_file_mode()
     for p in files:
+        os.chmod(p, mode)  # onnx writes its data file 0600: give it what the model file gets
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)

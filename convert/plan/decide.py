@@ -99,9 +99,10 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
     if require_change and not any(e.transpose for e in entries) and not from_provenance:
         raise UsageError(_nothing_to_transpose(decisions, target, source))
     return Plan(source, target, tuple(entries), tuple(drops), selection.options_hash(target),
-                tuple(flat), tuple(tuple(g) for g in tied if len(g) > 1), tuple(warnings),
-                from_provenance, selection.to_dict(),
-                reference.parameters if reference else ())
+                tuple(flat), tuple(tuple(g) for g in tied if len(g) > 1),
+                tuple(w for w in warnings if not isinstance(w, Note)), from_provenance,
+                selection.to_dict(), reference.parameters if reference else (),
+                notes=tuple(str(w) for w in warnings if isinstance(w, Note)))
 
 
 def build_export_plan(specs: Mapping[str, SpecLike], selection: Selection | None = None, *,
@@ -166,7 +167,8 @@ def build_export_plan(specs: Mapping[str, SpecLike], selection: Selection | None
                                  e.evidence))
     return Plan(source, held, tuple(entries), conv.drops,
                 selection.options_hash(held, export=True), conv.keys, conv.tied, conv.warnings,
-                False, conv.selection, conv.model_parameters, operation="export")
+                False, conv.selection, conv.model_parameters, operation="export",
+                notes=conv.notes)
 
 
 def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: Provenance,
@@ -326,14 +328,19 @@ def _unused_patterns(patterns: Sequence[Pattern], used: set[Pattern], source: st
     return _skipped_rules([str(p) for p in unused], source)
 
 
+class Note(str):
+    """A message for `-v` only: a preset covers a family, and most of its rules miss any one
+    model, so its skipped rules are no warning."""
+
+
 def _skipped_rules(rules: list[str], source: str) -> list[str]:
     """A preset's rules that match nothing here (a preset covers more than one model)."""
     if not rules:
         return []
     if len(rules) == 1:
-        return [f"{rules[0]} matches no key of '{source}'; skipped."]
-    return [f"{len(rules)} preset rules match no key of '{source}' and were skipped: "
-            + ", ".join(rules) + "."]
+        return [Note(f"{rules[0]} matches no key of '{source}'; skipped.")]
+    return [Note(f"{len(rules)} preset rules match no key of '{source}' and were skipped: "
+                 + ", ".join(rules) + ".")]
 
 
 def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, selection: Selection,
@@ -394,7 +401,8 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, D
             if r.shipped:
                 skipped.append(str(r))
             else:
-                errors.append(f"{r} matches no key of '{source}'")
+                errors.append(f"{r} matches no key of '{source}'"
+                              + _renamed_before(r, i, flat, names, selection))
     warnings += _skipped_rules(skipped, source)
     by_source = {e.source: e for e in entries}
     for group in tied:
@@ -413,6 +421,23 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, D
                         "load (it names its parameters weight and bias): add --preset wb, or "
                         "--rename '\\.W$' '.weight' --rename '\\.b$' '.bias'.")
     return entries, drops, warnings
+
+
+def _renamed_before(rename: Any, i: int, flat: Mapping[str, Any], names: Mapping[str, str],
+                    selection: Selection) -> str:
+    """Words for a rename that matches no key because an earlier one (a preset's) already
+    renamed the keys it was written for."""
+    for k in flat:
+        original = names.get(k, k)
+        if not rename.apply(original)[1]:
+            continue
+        key = original
+        for earlier in selection.renames[:i]:
+            key, hit = earlier.apply(key)
+            if hit:
+                return (f" after {earlier}, which already renamed '{original}' to '{key}' "
+                        "(write it for the renamed keys, or drop it)")
+    return ""
 
 
 def _reference_mismatch(entries: list[Entry], ref: ReferenceModel) -> list[str]:

@@ -227,6 +227,7 @@ class Plan:
     model_parameters: tuple[str, ...] = ()  # the reference model's parameters, in order
     output: OutputPlan | None = None
     operation: str = "convert"  # or "export": the layout kept, nothing transposed
+    notes: tuple[str, ...] = ()  # said under -v only (a preset's rules this model did not need)
 
     @property
     def direction(self) -> str:
@@ -287,4 +288,5 @@ class Plan:
             "tied": [list(g) for g in self.tied],
             "output": self.output.to_dict() if self.output else None,
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
         }
