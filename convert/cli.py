@@ -139,6 +139,10 @@ def input_options(mode: str) -> Callable[..., Any]:
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _warn(message: str) -> None:
     if not _settings().quiet:
         click.echo(f"linconvert: warning: {message}", err=True)
@@ -250,9 +254,10 @@ def _conversion_command(name: str, layout_name: str | None, doc: str) -> None:
         if not _settings().quiet:
             plan = report.plan
             checked = report.verification
-            verdict = (f", verified equivalent ({len(checked.results)} checks)" if checked
-                       else ", not verified")
-            click.echo(f"linconvert: wrote '{report.destination}': {report.keys_written} tensors "
+            verdict = (f", verified equivalent ({_count(len(checked.results), 'check')})"
+                       if checked else ", not verified")
+            click.echo(f"linconvert: wrote '{report.destination}': "
+                       f"{_count(report.keys_written, 'tensor')} "
                        f"({len(plan.transposed)} transposed, {len(plan.dropped)} dropped), "
                        f"{report.bytes_written / 1e6:.1f} MB in {report.seconds:.2f} s{verdict}.",
                        err=True)

@@ -48,8 +48,8 @@ def render_output(out: OutputPlan) -> str:
     rows = [[f.role, str(f.path), str(len(f.keys)) if f.keys else "-", str(f.nbytes)]
             for f in out.files]
     rows += [["copied", str(dst), "-", "-"] for _, dst in out.side_files]
-    head = (f"output: {out.format} '{out.display}' ({how}, {len(rows)} "
-            f"file{'' if len(rows) == 1 else 's'}"
+    head = (f"output: {out.format} '{out.display}' ({how}"
+            + ("" if len(rows) == 1 else f", {len(rows)} files")
             + (", replacing what exists" if out.overwrite else "") + ")")
     return head + "\n" + table(["file", "path", "keys", "bytes"], rows)
 
@@ -58,7 +58,7 @@ def render_inspect(report: Any) -> str:
     """`inspect`'s table."""
     rows = [[t.key, _shape(t.shape), t.dtype, t.layout, t.evidence] for t in report.tensors]
     lines = [f"{report.source}: {report.format}{' (sharded)' if report.sharded else ''}, "
-             f"{len(report.tensors)} tensors"]
+             f"{len(report.tensors)} tensor{'' if len(report.tensors) == 1 else 's'}"]
     if report.provenance:
         p = report.provenance
         lines.append(f"provenance: written by linconvert {p['tool_version']} in the "
@@ -88,11 +88,14 @@ def render_verify(report: Any) -> str:
         rows.append(["ok" if r.passed else "FAIL", r.kind, r.name, r.dtype,
                      _shape(r.shape) if r.shape else "-", _num(r.max_abs_err), _num(r.rel_err),
                      _num(r.atol_needed), exact, r.message])
-    proven = ("equivalence of the two models" if report.proven == "equivalence"
-              else "DST matches its plan layer by layer")
-    verdict = (f"equivalent: {proven} ({len(report.results)} checks, pairs from "
+    layers = any(r.kind in ("layer", "onnx-layer") for r in report.results)
+    proven = ("the two models compute the same outputs" if report.proven == "equivalence"
+              else "DST matches its plan layer by layer" if layers
+              else "every tensor of DST is SRC's, bit for bit")
+    n = len(report.results)
+    verdict = (f"equivalent: {proven} ({n} check{'' if n == 1 else 's'}, pairs from "
                f"{report.pairing}, device {report.device})" if report.equivalent else
-               f"NOT equivalent: {len(report.failures)} of {len(report.results)} checks failed")
+               f"NOT equivalent: {len(report.failures)} of {n} checks failed")
     return table(["result", "kind", "name", "dtype", "shape", "max_abs", "rel_err",
                   "atol_needed", "bit_exact", "note"], rows) + "\n" + verdict
 

@@ -271,3 +271,13 @@ def test_the_python_api_names_keyword_arguments_not_flags(fixture_dir, runner):
         convert.to_linear(fixture_dir / "square_nobias.safetensors", dry_run=True)
     res = runner("to-linear", fixture_dir / "mlp_param.pt", "-o", fixture_dir / "o.safetensors")
     assert res.exit_code == 5 and "--overwrite" in res.stderr  # the CLI keeps its words
+
+
+def test_verify_of_a_round_trip_pairs_by_name_not_by_the_middle_files_provenance(fixture_dir,
+                                                                                  runner):
+    src = fixture_dir / "mlp_param.safetensors"
+    convert.to_linear(src, fixture_dir / "l.safetensors")
+    convert.to_param(fixture_dir / "l.safetensors", fixture_dir / "back.safetensors")
+    res = runner("verify", src, fixture_dir / "back.safetensors")
+    assert res.exit_code == 0, res.stdout
+    assert "bit for bit" in res.stdout

@@ -417,9 +417,12 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, D
         raise UsageError("; ".join(errors) + ".")
     named_w = [e.key for e in entries if e.transpose and _leaf(e.key) == "W"]
     if named_w and reference is None:
-        warnings.append(f"{_quoted(named_w, 3)} keep the name 'W', which nn.Linear does not "
-                        "load (it names its parameters weight and bias): add --preset wb, or "
-                        "--rename '\\.W$' '.weight' --rename '\\.b$' '.bias'.")
+        rules = ("--rename '(^|\\.)W$' '\\g<1>weight' --rename '(^|\\.)b$' '\\g<1>bias'"
+                 if any("." not in k for k in named_w) else
+                 "--rename '\\.W$' '.weight' --rename '\\.b$' '.bias'")
+        warnings.append(f"{_quoted(named_w, 3)} {'keeps' if len(named_w) == 1 else 'keep'} "
+                        "the name 'W', which nn.Linear does not load (it names its parameters "
+                        f"weight and bias): add --preset wb, or {rules}.")
     return entries, drops, warnings
 
 

@@ -41,7 +41,7 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
 
     selection = selection or Selection()
     prov = dst.provenance
-    if prov is not None and not selection.chooses_layers:
+    if prov is not None and not selection.chooses_layers and _describes(prov, src, dst):
         pairs = [Pair(s, d, t) for d, (s, t) in prov.keys.items()]
         return pairs, set(prov.dropped), prov.layout, "DST's provenance"
     if selection.chooses_layers or selection.renames or selection.drop:
@@ -97,3 +97,13 @@ def _no_pairs(src: Checkpoint, dst: Checkpoint, plan: Plan | None = None) -> str
             "pass --rename FROM TO (or the --rules/--preset used to convert) so they pair")
     return (f"no key of '{src.path}' pairs with a key of '{dst.path}' (e.g. '{names[0]}' and "
             f"'{theirs[0]}'), so nothing can be compared; {hint}.")
+
+
+def _describes(prov: Any, src: Checkpoint, dst: Checkpoint) -> bool:
+    """Whether DST's provenance is about SRC: every key it names is in SRC with the shape it
+    implies (a round trip's file describes the middle file, not the first)."""
+    for d, (s, transposed) in prov.keys.items():
+        a, b = src.specs.get(s), dst.specs.get(d)
+        if a is None or b is None or (a.shape[::-1] if transposed else a.shape) != b.shape:
+            return False
+    return True
