@@ -281,3 +281,26 @@ def test_verify_of_a_round_trip_pairs_by_name_not_by_the_middle_files_provenance
     res = runner("verify", src, fixture_dir / "back.safetensors")
     assert res.exit_code == 0, res.stdout
     assert "bit for bit" in res.stdout
+
+
+def test_progress_is_heard_by_bytes_and_a_batch_says_its_total(fixture_dir, tmp_path):
+    from convert.api import convert as run_conversion
+    from convert.batching import batch
+
+    heard: list[tuple[int, int]] = []
+    run_conversion(fixture_dir / "mlp_param.safetensors", fixture_dir / "o.safetensors",
+                   target=convert.Layout.LINEAR, progress=lambda d, t: heard.append((d, t)))
+    assert heard[-1] == (204, 204) and heard[0][0] == 0
+    totals: list[int] = []
+    batch([fixture_dir / "mlp_param.pt", fixture_dir / "mlp_param.safetensors"],
+          direction="to-linear", out_dir=tmp_path / "o", on_plan=totals.append)
+    assert totals == [2]
+
+
+def test_a_missing_extra_says_how_to_install_it_from_a_clone():
+    import pytest
+
+    from convert.formats import import_extra
+
+    with pytest.raises(convert.UsageError, match=r"pip install -e '\.\[flax\]'"):
+        import_extra("no_such_module_here", "Flax msgpack", "flax")
