@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint, open_written, source_kind
-from .dtypes import is_float_matrix
+from .dtypes import is_float_weight
 from .errors import UsageError
 from .execute import apply_plan
 from .layout import Layout
@@ -315,14 +315,19 @@ def _detect(key: str, shape: tuple[int, ...], dtype: str, shapes: dict[str, tupl
             prov: Any) -> tuple[str, str]:
     if prov is not None and key in prov.keys and prov.keys[key][1]:
         return prov.layout.value, f"provenance: transposed from '{prov.keys[key][0]}'"
-    if not is_float_matrix(dtype, shape):
+    if not is_float_weight(dtype, shape):
         return "other", "not a 2-D float tensor"
+    stack = (f"a stack of {'x'.join(map(str, shape[:-2]))} matrices (dims 0-{len(shape) - 3} "
+             "stacked); " if len(shape) > 2 else "")
     evidence = bias_evidence(key, shape, shapes)
     if evidence:
-        return evidence[0].value, evidence[1]
-    if shape[0] == shape[1]:
-        return "ambiguous", "square with no bias sibling: --layers, --exclude or --model decides"
-    return "other", "2-D with no bias sibling: not a linear weight unless selected"
+        return evidence[0].value, stack + evidence[1]
+    if shape[-1] == shape[-2]:
+        return "ambiguous", (stack + "square with no bias sibling: --layers, --exclude or "
+                             "--model decides")
+    what = "stack" if stack else "2-D"
+    return "other", (stack or "") + (f"{what} with no bias sibling: not a linear weight unless "
+                                     "selected")
 
 
 # --- the API's words ------------------------------------------------------------------------

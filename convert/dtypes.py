@@ -67,6 +67,25 @@ def is_float_matrix(dtype: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and d is not None and d.is_float
 
 
+def is_float_weight(dtype: str, shape: tuple[int, ...]) -> bool:
+    """True for a float tensor of 2 or more dims: a matrix, or a stack of them (every leading
+    dim a stack dim, as stacked experts), whose last two dims linconvert may swap."""
+    d = DTYPES.get(dtype)
+    return len(shape) >= 2 and d is not None and d.is_float
+
+
+def swapped(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """SHAPE with its last two dims swapped (the transpose of a matrix or of a stack's members)."""
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def describe_shape(shape: tuple[int, ...]) -> str:
+    """`4x6`, or `8 x 4x6` for a stack of 8 matrices."""
+    if len(shape) > 2:
+        return f"{'x'.join(map(str, shape[:-2]))} x {shape[-2]}x{shape[-1]}"
+    return "x".join(map(str, shape)) or "scalar"
+
+
 def dtype_from_torch(torch_dtype: object) -> str:
     """The safetensors name of a torch dtype, or `torch.<name>` for one safetensors lacks."""
     name = str(torch_dtype).removeprefix("torch.")

@@ -150,7 +150,8 @@ def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
                    progress: Progress | None = None) -> None:
     """The one loop: each entry's pieces from the source into the sink, transposed where the
     entry says; untouched tensors the source can hand over as a file range are copied."""
-    largest = max((nbytes_of(e.dtype, e.shape) for e in plan.entries if e.transpose), default=0)
+    largest = max((_member_bytes(e.dtype, e.shape) for e in plan.entries if e.transpose),
+                  default=0)
     inbuf, outbuf = bytearray(largest), bytearray(largest)
     total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries) if progress else 0
     done = 0
@@ -158,12 +159,16 @@ def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
         if progress is not None:
             progress(done, total)
             done += nbytes_of(e.dtype, e.shape)
-        (piece,) = e.pieces  # stacks and fused parts bring more pieces (issue 14)
+        (piece,) = e.pieces  # stacks of members and fused parts bring more pieces (issue 14)
         if piece.transpose:
-            data = ckpt.read_bytes(piece.source, inbuf)
-            rows, cols = piece.shape
-            sink.write(e.key, transpose_bytes(data, rows, cols, DTYPES[e.dtype].itemsize,
-                                              outbuf))
+            # A matrix, or a stack of them (stacked experts): each member in turn, so no more
+            # than one member is in memory, however many experts the tensor holds.
+            rows, cols = piece.shape[-2:]
+            member = _member_bytes(e.dtype, piece.shape)
+            for m in range(_members(piece.shape)):
+                data = ckpt.read_part(piece.source, m * member, member, inbuf)
+                sink.write(e.key, transpose_bytes(data, rows, cols, DTYPES[e.dtype].itemsize,
+                                                  outbuf))
             ckpt.release(piece.source)
             continue
         loc = ckpt.raw_range(piece.source)
@@ -174,6 +179,18 @@ def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
             ckpt.release(piece.source)
     if progress is not None:
         progress(total, total)
+
+
+def _members(shape: tuple[int, ...]) -> int:
+    """How many matrices a weight of SHAPE holds (1 for a matrix; E for an [E, r, c] stack)."""
+    n = 1
+    for d in shape[:-2]:
+        n *= d
+    return n
+
+
+def _member_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return nbytes_of(dtype, tuple(shape[-2:]))
 
 
 def _write_safetensors(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
@@ -271,7 +288,7 @@ def _convert_state_dict(plan: Plan, get: Any, ckpt: Checkpoint | None) -> dict[s
             continue
         t = get(a.source)
         if a.transpose:
-            t = t.detach().t().contiguous()
+            t = t.detach().transpose(-2, -1).contiguous()
             if ckpt is not None:
                 ckpt.release(a.source)
         out[a.target] = t
@@ -333,7 +350,7 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
         for idx, entry in state.items():
             a = transposed.get(names.get(idx, ""))
             if a is not None and isinstance(entry, Mapping):
-                entry = {k: (v.detach().t().contiguous()
+                entry = {k: (v.detach().transpose(-2, -1).contiguous()
                              if getattr(v, "shape", None) is not None
                              and tuple(v.shape) == a.source_shape
                              else v) for k, v in entry.items()}

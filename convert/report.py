@@ -11,7 +11,9 @@ from .plan import OutputPlan, Plan
 
 
 def _shape(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape)) or "scalar"
+    from .dtypes import describe_shape
+
+    return describe_shape(tuple(shape))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -345,26 +345,30 @@ def siblings(key: str, role: Role) -> tuple[str, ...]:
 
 
 def bias_key(key: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """KEY's 1-D bias sibling present in SHAPES, if any."""
-    return next((b for b in siblings(key, Role.BIAS) if len(shapes.get(b, ())) == 1), None)
+    """KEY's bias sibling present in SHAPES, if any: 1-D for a matrix, `[E, n]` for a stack."""
+    dims = len(shapes.get(key, (0, 0))) - 1
+    return next((b for b in siblings(key, Role.BIAS) if len(shapes.get(b, ())) == dims), None)
 
 
 def bias_evidence(key: str, shape: tuple[int, ...],
                   shapes: Mapping[str, tuple[int, ...]]) -> tuple[Layout, str] | None:
-    """The layout a 2-D weight's 1-D bias sibling proves, with the reason; None if it proves none.
+    """The layout a weight's bias sibling proves, with the reason; None if it proves none.
 
     `P.weight` (or `P.W`, `P.kernel`) with `P.bias` (or `P.b`) of length `shape[1] != shape[0]`
-    is param (in x out); of length `shape[0] != shape[1]`, linear (out x in).
+    is param (in x out); of length `shape[0] != shape[1]`, linear (out x in). A stack `[E, r, c]`
+    takes a bias `[E, n]` the same way.
     """
-    rows, cols = shape
+    rows, cols = shape[-2:]
+    lead = tuple(shape[:-2])
     for bias_key in siblings(key, Role.BIAS):
         b = shapes.get(bias_key)
-        if b is None or len(b) != 1:
+        if b is None or len(b) != len(lead) + 1 or tuple(b[:-1]) != lead:
             continue
-        if b[0] == cols != rows:
-            return Layout.PARAM, f"bias '{bias_key}' has {b[0]} = columns, so in x out"
-        if b[0] == rows != cols:
-            return Layout.LINEAR, f"bias '{bias_key}' has {b[0]} = rows, so out x in"
+        n = b[-1]
+        if n == cols != rows:
+            return Layout.PARAM, f"bias '{bias_key}' has {n} = columns, so in x out"
+        if n == rows != cols:
+            return Layout.LINEAR, f"bias '{bias_key}' has {n} = rows, so out x in"
     return None
 
 

@@ -214,7 +214,7 @@ def test_no_matrix_at_all_is_nothing_to_transpose():
 # --- selections that cannot be transposed ---------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [f32(OUT), f32(2, IN, OUT), ((IN, OUT), "I64"),
+@pytest.mark.parametrize("spec", [f32(OUT), ((2, IN, OUT), "I64"), ((IN, OUT), "I64"),
                                   ((IN, OUT), "BOOL"), ((IN, OUT), "F4"), ((IN, OUT), "U8")])
 def test_layers_selecting_a_non_float_matrix_is_an_error(spec):
     specs = {"t": spec, **param_fc()}

@@ -500,6 +500,13 @@ class SafetensorsSource(Source):
         read_into(self._fds[i], rec.begin, view)
         return np.frombuffer(scratch, dtype=np.uint8, count=rec.nbytes)
 
+    def read_part(self, key: str, start: int, length: int, scratch: bytearray) -> Any:
+        import numpy as np
+
+        i, rec = self._records[key]
+        read_into(self._fds[i], rec.begin + start, memoryview(scratch)[:length])
+        return np.frombuffer(scratch, dtype=np.uint8, count=length)
+
     def tensor(self, key: str) -> Any:
         import numpy as np
         import torch

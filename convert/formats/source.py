@@ -69,6 +69,12 @@ class Source:
         """KEY's bytes, C-contiguous, as a numpy uint8 array (may live in SCRATCH)."""
         raise NotImplementedError
 
+    def read_part(self, key: str, start: int, length: int, scratch: bytearray) -> Any:
+        """LENGTH bytes of KEY from byte START (one member of a stack), as a numpy uint8 array
+        (may live in SCRATCH). Sources that can seek read only that part."""
+        data = self.read_bytes(key, bytearray(self.specs[key].nbytes))
+        return data[start:start + length]
+
     def release(self, key: str) -> None:
         """Drop KEY's pages from this process's memory once it has been written."""
 

@@ -539,6 +539,20 @@ class TorchSource(Source):
             t = t.contiguous()
         return t.reshape(-1).view(torch.uint8).numpy()
 
+    def read_part(self, key: str, start: int, length: int, scratch: bytearray) -> Any:
+        import numpy as np
+        import torch
+
+        loc = self.raw_range(key)
+        if loc is not None and len(scratch) >= length:
+            read_into(loc[0], loc[1] + start, memoryview(scratch)[:length])
+            return np.frombuffer(scratch, dtype=np.uint8, count=length)
+        t = self._tensors[key].detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        return flat[start:start + length].numpy()
+
     def release(self, key: str) -> None:
         t = self._tensors[key]
         if t.numel():

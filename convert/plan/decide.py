@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..dtypes import DTYPES, is_float_matrix
+from ..dtypes import DTYPES, describe_shape, is_float_weight, swapped
 from ..errors import CorruptInputError, UsageError
 from ..layout import Layout
 from ..provenance import Provenance
@@ -187,7 +187,7 @@ def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: 
                                     "does not list: the file was changed after it was written; "
                                     "pass --layers/--exclude to plan it without provenance.")
         was, transposed = entry
-        if transposed and not is_float_matrix(dtype, shape):
+        if transposed and not is_float_weight(dtype, shape):
             raise CorruptInputError(f"'{source}': provenance says '{k}' was transposed but it is "
                                     f"{_describe(shape, dtype)}.")
         decisions[k] = transposed, Because.PROVENANCE, was
@@ -226,20 +226,33 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
         if drop:
             decisions[k] = None, Because.PATTERN, str(drop)
             continue
-        if not is_float_matrix(dtype, shape):
+        if not is_float_weight(dtype, shape):
             if layer and not excl:
-                what = (f"'{k}' is {_describe(shape, dtype)}, not a 2-D float tensor, so it "
-                        f"cannot be transposed")
+                what = (f"'{k}' is {_describe(shape, dtype)}, not a 2-D float tensor (or a "
+                        "stack of them), so it cannot be transposed")
                 if layer.shipped:
                     warnings.append(f"{what}; {layer} skipped it.")
                 else:
                     errors.append(f"{what}: narrow {layer}")
-            kind = "not 2-D" if len(shape) != 2 else (
+            kind = "not 2-D" if len(shape) < 2 else (
                 "packed or non-float dtype" if dtype in DTYPES else "dtype safetensors lacks")
             decisions[k] = False, Because.NOT_A_MATRIX, kind
             continue
+        if len(shape) > 2:
+            # A stack of matrices (experts) or a convolution kernel: only the user's own
+            # selection, a reference model, bias evidence ([E, out]) or an expert's name makes
+            # it a stack; a preset's name rule (Flax/Keras `*.kernel`) skips it.
+            if layer and layer.shipped and not excl:
+                warnings.append(f"'{k}' is {_describe(shape, dtype)}, not a 2-D float tensor; "
+                                f"{layer} skipped it (select a stack of experts with --layers).")
+                layer = None
+            if not (layer or excl or (reference and selection.target_key(k) in
+                                      reference.entries)
+                    or bias_evidence(k, shape, shapes) or "expert" in k.lower()):
+                decisions[k] = False, Because.NOT_A_MATRIX, "not 2-D"
+                continue
 
-        square = shape[0] == shape[1]
+        square = shape[-1] == shape[-2]
         evidence = bias_evidence(k, shape, shapes)
         ref = _reference_decision(k, shape, target, selection, reference) if reference else None
         if ref is not None:
@@ -347,12 +360,12 @@ def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, select
                         reference: ReferenceModel) -> tuple[bool | None, str] | None:
     """What the reference model says about KEY: (transpose?, why); None if it lacks the key."""
     entry = reference.entries.get(selection.target_key(key))
-    if entry is None or len(entry.shape) != 2:
+    if entry is None or len(entry.shape) != len(shape):
         return None
-    flipped = shape[::-1]
-    if shape[0] != shape[1]:
+    flipped = swapped(shape)
+    if shape[-1] != shape[-2]:
         if entry.shape == flipped:
-            return True, f"its {entry.owner} wants {'x'.join(map(str, entry.shape))}, the transpose"
+            return True, f"its {entry.owner} wants {describe_shape(entry.shape)}, the transpose"
         if entry.shape == shape:
             return False, f"its {entry.owner} wants this shape"
         return None  # misshapen: reported with the key-set check
@@ -393,7 +406,7 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, D
             errors.append(f"'{targets[t]}' and '{k}' would both be renamed to '{t}'")
         targets[t] = k
         piece = Piece(k, shape, transpose=transpose)
-        entries.append(Entry(t, shape[::-1] if transpose else shape, dtype, (piece,), because,
+        entries.append(Entry(t, swapped(shape) if transpose else shape, dtype, (piece,), because,
                              evidence))
     skipped = []
     for i, r in enumerate(selection.renames):

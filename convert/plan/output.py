@@ -257,6 +257,8 @@ def onnx_layers(plan: Plan) -> list[Any]:
     shapes = {e.source: e.source_shape for e in plan.entries}
     layers = []
     for e in plan.layer_weights:
+        if len(e.shape) != 2:  # a stack of experts has no one-node ONNX form here
+            continue
         prefix, _, _ = e.key.rpartition(".")
         out_f, in_f = e.shape if plan.layout is Layout.LINEAR else e.shape[::-1]
         bias = None

@@ -11,13 +11,14 @@ rounding error of a dot product grows about with its square root), 1 in whole-mo
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import DTYPES, is_float_matrix
+from ..dtypes import DTYPES, is_float_weight, swapped
 from ..errors import UsageError
 from ..layout import Layout
 from .pairing import Pair
@@ -130,12 +131,12 @@ _INT_VIEW = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 
 
 def _transposed_bits_equal(w_src: Any, w_dst: Any) -> bool:
-    """Whether W_DST is W_SRC transposed bit for bit, through same-width integer views (no
-    transposed copy; NaN == NaN, -0 != 0)."""
+    """Whether W_DST is W_SRC with its last two dims swapped, bit for bit, through same-width
+    integer views (no transposed copy; NaN == NaN, -0 != 0)."""
     import torch
 
     view = getattr(torch, _INT_VIEW[w_src.element_size()])
-    return bool(torch.equal(w_src.view(view).t(), w_dst.view(view)))
+    return bool(torch.equal(w_src.view(view).transpose(-2, -1), w_dst.view(view)))
 
 CHUNK = 8 << 20
 
@@ -195,10 +196,11 @@ def _compare_exact(pair: Pair, src: Checkpoint, dst: Checkpoint) -> CheckResult:
 def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                   bias_pairs: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
                   device: Any, batch_size: int, seed: int, atol: float | None,
-                  rtol: float | None) -> CheckResult:
+                  rtol: float | None, member: tuple[int, ...] = ()) -> CheckResult:
     """One linear layer: ParamLinear on the param side vs nn.Linear on the linear side.
 
-    SHAPES maps SRC's keys to their shapes (to find the layer's bias).
+    SHAPES maps SRC's keys to their shapes (to find the layer's bias). MEMBER picks one
+    matrix of a stack (one expert of `[E, in, out]`), and its row of an `[E, out]` bias.
     """
     import torch
     from torch import nn
@@ -207,22 +209,25 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     from ..selection import bias_key
 
     s_spec, d_spec = src.specs[pair.source], dst.specs[pair.target]
-    res = CheckResult(pair.target, pair.source, "layer", True, d_spec.dtype, d_spec.shape)
+    name = pair.target + "".join(f"[{i}]" for i in member)
+    res = CheckResult(name, pair.source, "layer", True, d_spec.dtype,
+                      tuple(d_spec.shape[len(member):]))
     if s_spec.dtype != d_spec.dtype:
         res.passed, res.message = False, (f"dtype changed from {s_spec.dtype} to "
                                           f"{d_spec.dtype}")
         return res
-    if d_spec.shape != s_spec.shape[::-1]:
+    if d_spec.shape != swapped(s_spec.shape):
         res.passed, res.message = False, (f"shape {d_spec.shape} is not the transpose of "
                                           f"{s_spec.shape}")
         return res
-    w_src, w_dst = src.tensor(pair.source), dst.tensor(pair.target)
+    w_src, w_dst = src.tensor(pair.source)[member], dst.tensor(pair.target)[member]
     res.bit_exact = _transposed_bits_equal(w_src, w_dst)
 
     src_bias_key = bias_key(pair.source, shapes)
     dst_bias_key = bias_pairs.get(src_bias_key) if src_bias_key else None
-    b_src = src.tensor(src_bias_key) if src_bias_key else None
-    b_dst = dst.tensor(dst_bias_key) if dst_bias_key and dst_bias_key in dst.specs else None
+    b_src = src.tensor(src_bias_key)[member] if src_bias_key else None
+    b_dst = (dst.tensor(dst_bias_key)[member] if dst_bias_key and dst_bias_key in dst.specs
+             else None)
     w_param, b_param, w_lin, b_lin = ((w_src, b_src, w_dst, b_dst) if src_param
                                       else (w_dst, b_dst, w_src, b_src))
     compute = _COMPUTE_DTYPE.get(s_spec.dtype, "F32")
@@ -249,7 +254,7 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
 
     load(param, w_param, b_param)
     load(linear, w_lin, b_lin)
-    gen = torch.Generator().manual_seed(seed + zlib.crc32(pair.target.encode()))
+    gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
     x = torch.randn(batch_size, in_f, generator=gen, dtype=torch.float64).to(device, tdtype)
     with torch.no_grad(), ieee_float32():
         y_param, y_lin = param(x), linear(x)
@@ -301,14 +306,17 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
             if dst_layout is not None:
                 src_param = dst_layout is Layout.LINEAR
             else:
-                ev = bias_evidence(p.source, s.shape, shapes) if len(s.shape) == 2 else None
+                ev = bias_evidence(p.source, s.shape, shapes) if len(s.shape) >= 2 else None
                 src_param = ev is None or ev[0] is Layout.PARAM
-            if not is_float_matrix(s.dtype, s.shape):
+            if not is_float_weight(s.dtype, s.shape):
                 report.results.append(CheckResult(p.target, p.source, "layer", False, s.dtype,
-                                                  s.shape, message="not a 2-D float tensor"))
+                                                  s.shape, message="not a float matrix"))
                 continue
-            report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs, shapes,
-                                                dev, batch_size, seed, atol, rtol))
+            # A stack (stacked experts): each member is its own layer pair, named by its index.
+            for member in itertools.product(*(range(n) for n in s.shape[:-2])):
+                report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs,
+                                                    shapes, dev, batch_size, seed, atol, rtol,
+                                                    member))
         else:
             report.results.append(_compare_exact(p, src, dst))
         src.release(p.source)

@@ -68,7 +68,7 @@ def verify_onnx_layers(src: Checkpoint, model_path: Any, *, seed: int = 0, batch
     def expected_bits(dst_key: str) -> Any:
         source, transposed = prov.keys[dst_key]
         t = src.tensor(source)
-        return _bits(t.t() if transposed else t)
+        return _bits(t.transpose(-2, -1) if transposed else t)
 
     session, why_not = _ort_session(model_path)
     feeds, refs = {}, {}

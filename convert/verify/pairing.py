@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import is_float_matrix
+from ..dtypes import is_float_weight, swapped
 from ..errors import UsageError
 from ..layout import Layout
 
@@ -70,10 +70,11 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
         d = dst.specs.get(k)
         if d is None:
             continue
-        if is_float_matrix(s.dtype, s.shape) and s.shape == d.shape and s.shape[0] == s.shape[1]:
+        if is_float_weight(s.dtype, s.shape) and s.shape == d.shape and \
+                s.shape[-1] == s.shape[-2]:
             ambiguous.append(k)
-        transposed = (is_float_matrix(s.dtype, s.shape) and s.shape[0] != s.shape[1]
-                      and d.shape == s.shape[::-1])
+        transposed = (is_float_weight(s.dtype, s.shape) and s.shape[-1] != s.shape[-2]
+                      and d.shape == swapped(s.shape))
         pairs.append(Pair(k, k, transposed))
     if not pairs and src.specs and dst.specs:
         raise UsageError(_no_pairs(src, dst))
@@ -104,6 +105,6 @@ def _describes(prov: Any, src: Checkpoint, dst: Checkpoint) -> bool:
     implies (a round trip's file describes the middle file, not the first)."""
     for d, (s, transposed) in prov.keys.items():
         a, b = src.specs.get(s), dst.specs.get(d)
-        if a is None or b is None or (a.shape[::-1] if transposed else a.shape) != b.shape:
+        if a is None or b is None or (swapped(a.shape) if transposed else a.shape) != b.shape:
             return False
     return True

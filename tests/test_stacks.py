@@ -1,0 +1,152 @@
+"""Stacked experts: a 3-D `[E, in, out]` / `[E, out, in]` tensor converts by swapping its last two
+dims, each expert a layer pair of its own; made with transformers' Mixtral and a hand-written
+bmm twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import convert
+
+E, HID, INTER = 4, 16, 24
+
+
+class BmmExperts(nn.Module):
+    """The param-layout twin of transformers' MixtralExperts: stacks used as x @ W[e]
+    (torch.bmm / grouped GEMMs), `gate_up_proj` [E, H, 2I], `down_proj` [E, I, H]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(E, HID, 2 * INTER))
+        self.down_proj = nn.Parameter(torch.empty(E, INTER, HID))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
+        return (nn.functional.silu(gate) * up) @ self.down_proj[e]
+
+
+def _mixtral():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=HID, intermediate_size=INTER,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, num_local_experts=E,
+                                        num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def test_mixtral_experts_to_param_and_back(tmp_path, runner):
+    model = _mixtral()
+    src = tmp_path / "mixtral.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    experts = "model.layers.0.mlp.experts"
+    only = ["--layers", f"{experts}.*_proj", "--exclude", "*.self_attn.*"]
+    res = runner("to-param", src, "-o", tmp_path / "p.safetensors", *only, "--dry-run")
+    assert res.exit_code == 0, res.stderr
+    assert f"{experts}.gate_up_proj" in res.stdout and "4 x 48x16 -> 4 x 16x48" in res.stdout
+    res = runner("to-param", src, "-o", tmp_path / "p.safetensors", *only)
+    assert res.exit_code == 0, res.stderr
+    assert "verified equivalent (" in res.stderr
+    out = load_file(tmp_path / "p.safetensors")
+    assert out[f"{experts}.gate_up_proj"].shape == (E, HID, 2 * INTER)
+    assert out[f"{experts}.down_proj"].shape == (E, INTER, HID)
+
+    # The hand-written bmm twin, loaded strictly, computes what Mixtral's experts compute.
+    twin = BmmExperts()
+    twin.load_state_dict({"gate_up_proj": out[f"{experts}.gate_up_proj"],
+                          "down_proj": out[f"{experts}.down_proj"]}, strict=True)
+    mixtral = model.model.layers[0].mlp.experts
+    x = torch.randn(5, HID)
+    for e in range(E):
+        gate, up = nn.functional.linear(x, mixtral.gate_up_proj[e]).chunk(2, dim=-1)
+        want = nn.functional.linear(mixtral.act_fn(gate) * up, mixtral.down_proj[e])
+        torch.testing.assert_close(twin.expert(e, x), want)
+
+    # Back with no options (provenance), bit-exact; the reverse loads into Mixtral strictly.
+    res = runner("to-linear", tmp_path / "p.safetensors", "-o", tmp_path / "back.safetensors")
+    assert res.exit_code == 0, res.stderr
+    back = load_file(tmp_path / "back.safetensors")
+    for k, v in load_file(src).items():
+        assert torch.equal(back[k], v), k
+    model.load_state_dict(back, strict=True)
+
+
+def test_each_expert_is_its_own_layer_pair_and_a_nudged_one_fails(tmp_path, runner):
+    g = torch.Generator().manual_seed(1)
+    src = tmp_path / "moe.safetensors"
+    save_file({"moe.experts.w1": torch.randn(E, 6, 10, generator=g),
+               "moe.experts.w2": torch.randn(E, 10, 6, generator=g)}, str(src))
+    res = runner("to-linear", src, "-o", tmp_path / "l.safetensors", "--layers",
+                 "moe.experts.*")
+    assert res.exit_code == 0, res.stderr
+    res = runner("verify", src, tmp_path / "l.safetensors")
+    assert res.exit_code == 0, res.stdout
+    assert all(f"moe.experts.w1[{e}]" in res.stdout for e in range(E))
+    sd = load_file(tmp_path / "l.safetensors")
+    sd["moe.experts.w1"][2, 0, 0] += 0.5  # one weight of expert 2
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata=_metadata(tmp_path / "l.safetensors"))
+    res = runner("verify", src, tmp_path / "bad.safetensors")
+    assert res.exit_code == 1, res.stdout
+    failed = [line.split()[2] for line in res.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed == ["moe.experts.w1[2]"]
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_a_stack_with_an_expert_bias_is_decided_by_it(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    sd = {"mlp.experts.weight": torch.randn(E, 6, 10, generator=g),  # [E, in, out]
+          "mlp.experts.bias": torch.randn(E, 10, generator=g)}      # [E, out]: param layout
+    save_file(sd, str(tmp_path / "b.safetensors"))
+    report = convert.to_linear(tmp_path / "b.safetensors", tmp_path / "o.safetensors")
+    (w,) = report.plan.transposed
+    assert w.key == "mlp.experts.weight" and w.shape == (E, 10, 6)
+    assert "bias evidence" in w.reason
+    assert report.verification is not None and report.verification.equivalent
+    assert len([r for r in report.verification.results if r.kind == "layer"]) == E
+
+
+def test_a_square_stack_without_evidence_is_exit_2(tmp_path, runner):
+    save_file({"experts.w": torch.randn(E, 8, 8)}, str(tmp_path / "sq.safetensors"))
+    res = runner("to-linear", tmp_path / "sq.safetensors")
+    assert res.exit_code == 2 and "'experts.w'" in res.stderr, res.stderr
+
+
+def test_a_stack_selection_contradicting_its_bias_is_exit_2(tmp_path, runner):
+    sd = {"experts.weight": torch.randn(E, 10, 6),  # [E, out, in]: linear, says the bias
+          "experts.bias": torch.randn(E, 10)}
+    save_file(sd, str(tmp_path / "c.safetensors"))
+    res = runner("to-linear", tmp_path / "c.safetensors", "--layers", "experts.weight")
+    assert res.exit_code == 2 and "double transpose" in res.stderr, res.stderr
+
+
+def test_convolution_kernels_stay_out_of_it(tmp_path):
+    sd = {"conv.weight": torch.randn(8, 3, 3, 3), "conv.bias": torch.randn(8),
+          "fc.weight": torch.randn(5, 7), "fc.bias": torch.randn(7)}
+    torch.save(sd, tmp_path / "cnn.pt")
+    report = convert.to_linear(tmp_path / "cnn.pt", tmp_path / "o.safetensors")
+    assert [e.key for e in report.plan.transposed] == ["fc.weight"]
+    assert not any("conv.weight" in w for w in report.warnings)
+
+
+def test_a_pt_stack_streams_expert_by_expert(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(E, 6, 10, generator=g)
+    torch.save({"experts.w": w}, tmp_path / "s.pt")
+    convert.to_linear(tmp_path / "s.pt", tmp_path / "o.safetensors", layers=["experts.w"])
+    assert torch.equal(load_file(tmp_path / "o.safetensors")["experts.w"], w.transpose(1, 2))
+    convert.to_linear(tmp_path / "s.pt", tmp_path / "o.pt", layers=["experts.w"])
+    assert torch.equal(torch.load(tmp_path / "o.pt", weights_only=True)["experts.w"],
+                       w.transpose(1, 2))
