@@ -93,8 +93,12 @@ def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Source keys to leave out of the output (repeatable)."),
         click.option("--rename", multiple=True, nargs=2, metavar="FROM TO",
                      help="Regex substitution on every key, applied in order (repeatable)."),
+        click.option("--stack", multiple=True, nargs=2, metavar="FROM TO",
+                     help="Stack per-expert tensors FROM (with {e}, e.g. 'experts.{e}.w1."
+                          "weight') into one TO ('experts.w1'), or unstack TO into them "
+                          "(repeatable)."),
         click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="TOML rules file: layers, exclude, drop, [[rename]]."),
+                     help="TOML rules file: layers, exclude, drop, [[rename]], [[stack]]."),
         click.option("--preset", metavar="NAME",
                      help="A shipped rules preset (see `linconvert presets`)."),
         click.option("--model", metavar="MODULE:FACTORY",

@@ -104,6 +104,8 @@ def provenance_for(plan: Plan, ckpt: Checkpoint, sha: str = SHA_PLACEHOLDER) -> 
     return Provenance(
         layout=plan.layout,
         keys={e.key: (e.source, e.transpose) for e in plan.entries},
+        pieces={e.key: tuple((p.source, p.index) for p in e.pieces) for e in plan.entries
+                if len(e.pieces) > 1 or e.pieces[0].index is not None},
         dropped=plan.dropped,
         source_name=ckpt.path.name,
         source_sha256=sha,
@@ -149,9 +151,9 @@ def apply_plan(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None 
 def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
                    progress: Progress | None = None) -> None:
     """The one loop: each entry's pieces from the source into the sink, transposed where the
-    entry says; untouched tensors the source can hand over as a file range are copied."""
-    largest = max((_member_bytes(e.dtype, e.shape) for e in plan.entries if e.transpose),
-                  default=0)
+    piece says; untouched ones the source can hand over as a file range are copied."""
+    largest = max((_member_bytes(e.dtype, p.shape) for e in plan.entries for p in e.pieces
+                   if p.transpose), default=0)
     inbuf, outbuf = bytearray(largest), bytearray(largest)
     total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries) if progress else 0
     done = 0
@@ -159,26 +161,36 @@ def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
         if progress is not None:
             progress(done, total)
             done += nbytes_of(e.dtype, e.shape)
-        (piece,) = e.pieces  # stacks of members and fused parts bring more pieces (issue 14)
-        if piece.transpose:
-            # A matrix, or a stack of them (stacked experts): each member in turn, so no more
-            # than one member is in memory, however many experts the tensor holds.
-            rows, cols = piece.shape[-2:]
-            member = _member_bytes(e.dtype, piece.shape)
-            for m in range(_members(piece.shape)):
-                data = ckpt.read_part(piece.source, m * member, member, inbuf)
-                sink.write(e.key, transpose_bytes(data, rows, cols, DTYPES[e.dtype].itemsize,
-                                                  outbuf))
-            ckpt.release(piece.source)
-            continue
-        loc = ckpt.raw_range(piece.source)
-        if loc is not None:
-            sink.copy(e.key, loc[0], loc[1], nbytes_of(e.dtype, e.shape))
-        else:
-            sink.write(e.key, memoryview(ckpt.read_bytes(piece.source, inbuf)))
-            ckpt.release(piece.source)
+        for piece in e.pieces:  # one, or the members of a stack in order
+            _stream_piece(e.key, e.dtype, piece, ckpt, sink, inbuf, outbuf)
     if progress is not None:
         progress(total, total)
+
+
+def _stream_piece(key: str, dtype: str, piece: Any, ckpt: Checkpoint, sink: Any,
+                  inbuf: bytearray, outbuf: bytearray) -> None:
+    """One piece: the whole source tensor, or member INDEX of a source stack; a transposed
+    piece goes matrix by matrix, so no more than one expert is in memory."""
+    shape = piece.shape if piece.index is None else piece.shape[1:]
+    start = 0 if piece.index is None else piece.index * nbytes_of(dtype, shape)
+    length = nbytes_of(dtype, shape)
+    if piece.transpose:
+        rows, cols = shape[-2:]
+        matrix = _member_bytes(dtype, shape)
+        for m in range(_members(shape)):
+            data = ckpt.read_part(piece.source, start + m * matrix, matrix, inbuf)
+            sink.write(key, transpose_bytes(data, rows, cols, DTYPES[dtype].itemsize, outbuf))
+        ckpt.release(piece.source)
+        return
+    loc = ckpt.raw_range(piece.source)
+    if loc is not None:
+        sink.copy(key, loc[0], loc[1] + start, length)
+    elif piece.index is None:
+        sink.write(key, memoryview(ckpt.read_bytes(piece.source, inbuf)))
+        ckpt.release(piece.source)
+    else:
+        sink.write(key, memoryview(ckpt.read_part(piece.source, start, length,
+                                                  bytearray(length))))
 
 
 def _members(shape: tuple[int, ...]) -> int:
@@ -282,6 +294,9 @@ def _convert_state_dict(plan: Plan, get: Any, ckpt: Checkpoint | None) -> dict[s
     done: dict[str, Any] = {}
     tie_of = {k: g[0] for g in plan.tied for k in g}
     for a in plan.written:
+        if len(a.pieces) > 1 or a.pieces[0].index is not None:  # a stack, or one member of one
+            out[a.target] = _assemble(a, get)
+            continue
         head = tie_of.get(a.source)
         if head is not None and head in done:
             out[a.target] = done[head]
@@ -295,6 +310,21 @@ def _convert_state_dict(plan: Plan, get: Any, ckpt: Checkpoint | None) -> dict[s
         if head is not None:
             done[head] = t
     return out
+
+
+def _assemble(entry: Any, get: Any) -> Any:
+    """An entry made of several pieces (a stack of members) or of one member of a stack."""
+    import torch
+
+    parts = []
+    for p in entry.pieces:
+        t = get(p.source).detach()
+        if p.index is not None:
+            t = t[p.index]
+        parts.append(t.transpose(-2, -1) if p.transpose else t)
+    if len(parts) == 1:
+        return parts[0].contiguous()
+    return torch.stack(parts).contiguous()
 
 
 def _convert_extras(plan: Plan, ckpt: TorchSource, root: Any) -> tuple[Any, list[str]]:

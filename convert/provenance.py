@@ -30,6 +30,9 @@ class Provenance:
     tool_version: str = ""
     tied: tuple[tuple[str, ...], ...] = field(default=())
     operation: str = "convert"  # or "export": the layout kept, nothing transposed
+    # destination key -> its pieces, (source key, member index or None), where it is not one
+    # whole source tensor: a stack of members, or one member of a source stack
+    pieces: dict[str, tuple[tuple[str, int | None], ...]] = field(default_factory=dict)
 
     def to_json(self, keys: list[str] | None = None) -> str:
         """JSON text for the metadata entry, listing only KEYS (a shard's own) if given."""
@@ -37,7 +40,10 @@ class Provenance:
         return json.dumps({
             "version": VERSION,
             "layout": self.layout.value,
-            "keys": {k: {"source": s, "transposed": t} for k, (s, t) in listed.items()},
+            "keys": {k: {"source": s, "transposed": t,
+                         **({"pieces": [list(p) for p in self.pieces[k]]}
+                            if k in self.pieces else {})}
+                     for k, (s, t) in listed.items()},
             "dropped": list(self.dropped),
             "source": {"name": self.source_name, "sha256": self.source_sha256},
             "options_hash": self.options_hash,
@@ -54,6 +60,8 @@ def parse_provenance(text: str, path: Path) -> Provenance:
         if obj["version"] != VERSION:
             raise ValueError(f"version {obj['version']!r}, this linconvert reads {VERSION}")
         keys = {str(k): (str(v["source"]), bool(v["transposed"])) for k, v in obj["keys"].items()}
+        pieces = {str(k): tuple((str(s), None if i is None else int(i)) for s, i in v["pieces"])
+                  for k, v in obj["keys"].items() if "pieces" in v}
         return Provenance(
             layout=Layout(obj["layout"]),
             keys=keys,
@@ -64,6 +72,7 @@ def parse_provenance(text: str, path: Path) -> Provenance:
             tool_version=str(obj.get("tool_version", "")),
             tied=tuple(tuple(map(str, g)) for g in obj.get("tied", ())),
             operation=_operation(obj.get("operation", "convert")),
+            pieces=pieces,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptInputError(f"'{path}' has malformed linconvert provenance metadata ({e}); "
@@ -80,11 +89,14 @@ def merge_provenance(parts: list[Provenance], path: Path) -> Provenance:
     """One provenance from every shard's (each lists its own keys)."""
     first = parts[0]
     keys: dict[str, tuple[str, bool]] = {}
+    pieces: dict[str, tuple[tuple[str, int | None], ...]] = {}
     for p in parts:
+        pieces.update(p.pieces)
         if (p.layout, p.source_sha256, p.options_hash) != (first.layout, first.source_sha256,
                                                            first.options_hash):
             raise CorruptInputError(f"the shards of '{path}' carry provenance from different "
                                     "conversions; the checkpoint mixes files.")
         keys.update(p.keys)
     return Provenance(first.layout, keys, first.dropped, first.source_name, first.source_sha256,
-                      first.options_hash, first.tool_version, first.tied, first.operation)
+                      first.options_hash, first.tool_version, first.tied, first.operation,
+                      pieces)

@@ -86,6 +86,70 @@ class Rename:
         return f"{self.origin} '{self.pattern}' '{self.replacement}'"
 
 
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class StackRule:
+    """E per-expert tensors <-> one `[E, ...]` tensor: `from` names the members with `{e}` (the
+    stacked index) and other `{name}` placeholders (one dot-free path part each); `to` names
+    the stack with the same placeholders but `{e}`. Both are source-side names."""
+
+    members: str
+    stacked: str
+    origin: str = "--stack"
+    shipped: bool = False
+
+    def __post_init__(self) -> None:
+        mine = _PLACEHOLDER.findall(self.members)
+        theirs = _PLACEHOLDER.findall(self.stacked)
+        if "e" not in mine or "e" in theirs or set(theirs) != set(mine) - {"e"} or \
+                len(mine) != len(set(mine)):
+            raise UsageError(f"{self} must name the members with {{e}} and the stack with the "
+                             "same placeholders but {e} (e.g. 'experts.{e}.w1.weight' and "
+                             "'experts.w1').")
+
+    @cached_property
+    def _member_re(self) -> re.Pattern[str]:
+        return _compile_placeholders(self.members)
+
+    @cached_property
+    def _stack_re(self) -> re.Pattern[str]:
+        return _compile_placeholders(self.stacked)
+
+    def member(self, key: str) -> tuple[tuple[tuple[str, str], ...], int] | None:
+        """(the other placeholders' values, e) if KEY is a member."""
+        m = self._member_re.fullmatch(key)
+        if m is None:
+            return None
+        values = tuple(sorted((k, v) for k, v in m.groupdict().items() if k != "e"))
+        return values, int(m["e"])
+
+    def stack(self, key: str) -> tuple[tuple[str, str], ...] | None:
+        """The placeholders' values if KEY is a stack."""
+        m = self._stack_re.fullmatch(key)
+        return None if m is None else tuple(sorted(m.groupdict().items()))
+
+    def stack_name(self, values: tuple[tuple[str, str], ...]) -> str:
+        return self.stacked.format(**dict(values))
+
+    def member_name(self, values: tuple[tuple[str, str], ...], e: int) -> str:
+        return self.members.format(**dict(values), e=e)
+
+    def __str__(self) -> str:
+        return f"{self.origin} '{self.members}' '{self.stacked}'"
+
+
+def _compile_placeholders(pattern: str) -> re.Pattern[str]:
+    out, pos = [], 0
+    for m in _PLACEHOLDER.finditer(pattern):
+        out.append(re.escape(pattern[pos:m.start()]))
+        out.append(r"(?P<e>0|[1-9][0-9]*)" if m[1] == "e" else rf"(?P<{m[1]}>[^.]+)")
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    return re.compile("".join(out))
+
+
 @dataclass(frozen=True)
 class Selection:
     """Everything the user said about keys: selection, exclusions, drops, renames, model."""
@@ -95,6 +159,7 @@ class Selection:
     drop: tuple[Pattern, ...] = ()
     renames: tuple[Rename, ...] = ()
     model: str | None = None
+    stacks: tuple[StackRule, ...] = ()
 
     @property
     def chooses_layers(self) -> bool:
@@ -109,6 +174,7 @@ class Selection:
             "drop": [p.text for p in self.drop],
             "rename": [[r.pattern, r.replacement] for r in self.renames],
             "model": self.model,
+            **({"stack": [[r.members, r.stacked] for r in self.stacks]} if self.stacks else {}),
         }
 
     def options_hash(self, target: Layout, *, export: bool = False) -> str:
@@ -123,7 +189,7 @@ class Selection:
                              "pass one --model.")
         return Selection(self.layers + other.layers, self.exclude + other.exclude,
                          self.drop + other.drop, self.renames + other.renames,
-                         self.model or other.model)
+                         self.model or other.model, self.stacks + other.stacks)
 
     def target_key(self, key: str) -> str:
         """KEY after every rename, in order."""
@@ -132,7 +198,7 @@ class Selection:
         return key
 
 
-_RULE_KEYS = {"layers", "exclude", "drop", "rename", "description"}
+_RULE_KEYS = {"layers", "exclude", "drop", "rename", "stack", "description"}
 
 
 def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False) -> Selection:
@@ -161,7 +227,19 @@ def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False)
             raise UsageError(f"{origin}: [[rename]] entry {i + 1} must have string keys 'from' "
                              "and 'to' and nothing else.")
         renames.append(Rename(r["from"], r["to"], f"{origin} rename", shipped))
-    return Selection(patterns("layers"), patterns("exclude"), patterns("drop"), tuple(renames))
+    stacks = []
+    if not isinstance(data.get("stack", []), list):
+        raise UsageError(f"{origin}: 'stack' must be an array of tables ([[stack]] with from "
+                         "and to).")
+    for i, r in enumerate(data.get("stack", [])):
+        if not isinstance(r, dict) or set(r) != {"from", "to"} or not all(
+            isinstance(v, str) for v in r.values()
+        ):
+            raise UsageError(f"{origin}: [[stack]] entry {i + 1} must have string keys 'from' "
+                             "and 'to' and nothing else.")
+        stacks.append(StackRule(r["from"], r["to"], f"{origin} stack", shipped))
+    return Selection(patterns("layers"), patterns("exclude"), patterns("drop"), tuple(renames),
+                     stacks=tuple(stacks))
 
 
 def load_rules(path: Path) -> Selection:
@@ -202,7 +280,7 @@ def load_preset(name: str) -> Selection:
 def make_selection(*, layers: Sequence[str] = (), exclude: Sequence[str] = (),
                    drop: Sequence[str] = (), rename: Sequence[Sequence[str]] = (),
                    rules: Path | str | None = None, preset: str | None = None,
-                   model: str | None = None) -> Selection:
+                   model: str | None = None, stack: Sequence[Sequence[str]] = ()) -> Selection:
     """Combine a preset, a rules file and command-line options, in that order."""
     sel = Selection()
     if preset:
@@ -215,6 +293,7 @@ def make_selection(*, layers: Sequence[str] = (), exclude: Sequence[str] = (),
         tuple(Pattern(p, "--drop") for p in drop),
         tuple(Rename(a, b) for a, b in rename),
         model,
+        tuple(StackRule(a, b) for a, b in stack),
     )
     sel = sel.merged(options)
     for p in (*sel.layers, *sel.exclude, *sel.drop):
@@ -224,7 +303,8 @@ def make_selection(*, layers: Sequence[str] = (), exclude: Sequence[str] = (),
     return sel
 
 
-SELECTION_OPTIONS = ("layers", "exclude", "drop", "rename", "rules", "preset", "model")
+SELECTION_OPTIONS = ("layers", "exclude", "drop", "rename", "rules", "preset", "model",
+                     "stack")
 
 
 def selection_from(selection: Selection | None, options: Mapping[str, Any]) -> Selection:

@@ -150,3 +150,122 @@ def test_a_pt_stack_streams_expert_by_expert(tmp_path):
     convert.to_linear(tmp_path / "s.pt", tmp_path / "o.pt", layers=["experts.w"])
     assert torch.equal(torch.load(tmp_path / "o.pt", weights_only=True)["experts.w"],
                        w.transpose(1, 2))
+
+
+# --- stack and unstack ------------------------------------------------------------------------
+
+W1 = ("layers.{l}.experts.{e}.w1.weight", "layers.{l}.experts.w1")
+W2 = ("layers.{l}.experts.{e}.w2.weight", "layers.{l}.experts.w2")
+
+
+def _per_expert(tmp_path, layers: int = 2):
+    """The Hub's per-expert layout: E separate nn.Linear weights [I, H] and [H, I]."""
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for layer in range(layers):
+        for e in range(E):
+            sd[f"layers.{layer}.experts.{e}.w1.weight"] = torch.randn(INTER, HID, generator=g)
+            sd[f"layers.{layer}.experts.{e}.w2.weight"] = torch.randn(HID, INTER, generator=g)
+        sd[f"layers.{layer}.norm.weight"] = torch.ones(HID)
+    src = tmp_path / "experts.safetensors"
+    save_file(sd, str(src))
+    return src, sd
+
+
+def test_per_expert_weights_stack_into_grouped_experts_and_back(tmp_path, runner):
+    src, sd = _per_expert(tmp_path)
+    args = ["--stack", *W1, "--stack", *W2, "--layers", "layers.*.experts.*.weight"]
+    res = runner("to-param", src, "-o", tmp_path / "g.safetensors", *args, "--dry-run")
+    assert res.exit_code == 0, res.stderr
+    line = next(x for x in res.stdout.splitlines() if " layers.0.experts.0.w1.weight " in x)
+    assert "layers.0.experts.w1" in line and "stacked by --stack" in line
+    res = runner("to-param", src, "-o", tmp_path / "g.safetensors", *args)
+    assert res.exit_code == 0, res.stderr
+    out = load_file(tmp_path / "g.safetensors")
+    assert sorted(out) == ["layers.0.experts.w1", "layers.0.experts.w2", "layers.0.norm.weight",
+                           "layers.1.experts.w1", "layers.1.experts.w2", "layers.1.norm.weight"]
+    for layer in range(2):
+        want = torch.stack([sd[f"layers.{layer}.experts.{e}.w1.weight"].t() for e in range(E)])
+        assert torch.equal(out[f"layers.{layer}.experts.w1"], want)  # [E, H, I]: x @ W[e]
+    # verify pairs each expert with its row of the stack; a nudged row fails, named
+    res = runner("verify", src, tmp_path / "g.safetensors")
+    assert res.exit_code == 0, res.stdout
+    assert "layers.1.experts.w2[3]" in res.stdout
+    # back with no options: provenance unstacks, bit-exact, the Hub's names again
+    res = runner("to-linear", tmp_path / "g.safetensors", "-o", tmp_path / "back.safetensors")
+    assert res.exit_code == 0, res.stderr
+    back = load_file(tmp_path / "back.safetensors")
+    assert sorted(back) == sorted(sd)
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_a_nudged_expert_of_a_stack_fails_verification_named(tmp_path, runner):
+    src, _ = _per_expert(tmp_path, layers=1)
+    convert.to_param(src, tmp_path / "g.safetensors", stack=[W1, W2],
+                     layers=["layers.*.experts.*.weight"])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "g.safetensors"), "pt") as f:
+        meta = f.metadata()
+    out = load_file(tmp_path / "g.safetensors")
+    out["layers.0.experts.w1"][1, 2, 3] += 1.0
+    save_file(out, str(tmp_path / "bad.safetensors"), metadata=meta)
+    res = runner("verify", src, tmp_path / "bad.safetensors")
+    assert res.exit_code == 1
+    failed = [line.split()[2] for line in res.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed == ["layers.0.experts.w1[1]"]
+
+
+def test_grouped_experts_unstack_into_per_expert_linear_weights(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    stacked = torch.randn(E, HID, INTER, generator=g)  # torchtitan: [E, H, I], x @ W[e]
+    save_file({"layers.0.experts.w1": stacked}, str(tmp_path / "tt.safetensors"))
+    report = convert.to_linear(tmp_path / "tt.safetensors", tmp_path / "hub.safetensors",
+                               stack=[W1], layers=["layers.0.experts.w1"])
+    out = load_file(tmp_path / "hub.safetensors")
+    assert list(out) == [f"layers.0.experts.{e}.w1.weight" for e in range(E)]
+    for e in range(E):
+        assert torch.equal(out[f"layers.0.experts.{e}.w1.weight"], stacked[e].t())
+        lin = nn.Linear(HID, INTER, bias=False)
+        lin.load_state_dict({"weight": out[f"layers.0.experts.{e}.w1.weight"]})
+        x = torch.randn(3, HID)
+        torch.testing.assert_close(lin(x), x @ stacked[e])
+    assert report.verification is not None and report.verification.equivalent
+    back = convert.to_param(tmp_path / "hub.safetensors", tmp_path / "tt2.safetensors")
+    assert back.plan.entries[0].key == "layers.0.experts.w1"
+    assert torch.equal(load_file(tmp_path / "tt2.safetensors")["layers.0.experts.w1"], stacked)
+
+
+def test_stack_rules_from_a_rules_file_and_to_pt(tmp_path):
+    src, sd = _per_expert(tmp_path, layers=1)
+    rules = tmp_path / "moe.toml"
+    rules.write_text('layers = ["layers.*.experts.*.weight"]\n'
+                     "[[stack]]\nfrom = 'layers.{l}.experts.{e}.w1.weight'\n"
+                     "to = 'layers.{l}.experts.w1'\n")
+    convert.to_param(src, tmp_path / "g.pt", rules=rules)
+    out = torch.load(tmp_path / "g.pt", weights_only=True)
+    want = torch.stack([sd[f"layers.0.experts.{e}.w1.weight"].t() for e in range(E)])
+    assert torch.equal(out["layers.0.experts.w1"], want)
+    assert out["layers.0.experts.0.w2.weight"].shape == (INTER, HID)  # not stacked: transposed
+
+
+@pytest.mark.parametrize("case", ["missing member", "matches nothing", "bad placeholders",
+                                  "mixed decisions"])
+def test_bad_stack_rules_are_exit_2(tmp_path, runner, case):
+    src, sd = _per_expert(tmp_path, layers=1)
+    args = ["--stack", *W1, "--layers", "layers.*.experts.*.weight"]
+    if case == "missing member":
+        del sd["layers.0.experts.2.w1.weight"]
+        save_file(sd, str(src))
+    elif case == "matches nothing":
+        args = ["--stack", "nope.{e}.weight", "nope", "--layers", "layers.*.experts.*.weight"]
+    elif case == "bad placeholders":
+        args = ["--stack", "layers.{l}.experts.w1.weight", "x", "--layers", "*"]
+    else:
+        args = ["--stack", *W1, "--layers", "layers.*.experts.[01].w1.weight", "--layers",
+                "layers.*.experts.*.w2.weight", "--exclude", "layers.*.experts.[23].w1.weight"]
+    for flags in ([], ["--dry-run"]):
+        res = runner("to-param", src, "-o", tmp_path / "o.safetensors", *args, *flags)
+        assert res.exit_code == 2, (case, res.stderr)
+        assert res.stderr.count("\n") == 1 and "stack" in res.stderr, res.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -6,6 +6,7 @@ decision is a `Because` and its evidence. No tensors here, and no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -94,7 +95,8 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
         from_provenance = False
 
     entries, drops, more_warnings = _finish(flat, decisions, names, selection, reference,
-                                            tied, source)
+                                            tied, source,
+                                            provenance if from_provenance else None)
     warnings += more_warnings
     if require_change and not any(e.transpose for e in entries) and not from_provenance:
         raise UsageError(_nothing_to_transpose(decisions, target, source))
@@ -378,10 +380,100 @@ def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, select
     return False, f"square weight owned by {entry.owner} ({entry.layout} layout)"
 
 
+def _units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Decision],
+           names: dict[str, str], selection: Selection, provenance: Provenance | None,
+           source: str, errors: list[str], warnings: list[str]) -> list[Entry]:
+    """The destination tensors before renames, in source order: one per kept key, except
+    where a stack rule (or provenance) makes one of several members, or several of one."""
+    kept = [k for k in flat if decisions[k][0] is not None]
+    made: dict[str, list[Entry]] = {}  # the first source key of a group -> what it makes
+    taken: set[str] = set()
+
+    def one(k: str, name: str, index: int | None = None) -> Entry:
+        shape, dtype = flat[k]
+        transpose, because, evidence = decisions[k]
+        out = shape if index is None else shape[1:]
+        return Entry(name, swapped(out) if transpose else out, dtype,
+                     (Piece(k, shape, bool(transpose), index),), because, evidence)
+
+    def stack(members: list[str], name: str, why: str) -> None:
+        shapes = {flat[m] for m in members}
+        flips = {bool(decisions[m][0]) for m in members}
+        if len(shapes) > 1 or len(flips) > 1:
+            errors.append(f"{why} would stack '{members[0]}' with members of another shape, "
+                          "dtype or decision" + (" (some transposed, some not)"
+                                                 if len(flips) > 1 else ""))
+            return
+        (shape, dtype), = shapes
+        first = one(members[0], name)
+        pieces = tuple(Piece(m, shape, bool(decisions[m][0])) for m in members)
+        made[members[0]] = [Entry(name, (len(members), *first.shape), dtype, pieces,
+                                  first.because, f"{first.evidence}; stacked by {why}")]
+        taken.update(members)
+
+    def unstack(k: str, names_of: list[str], why: str) -> None:
+        if len(flat[k][0]) < 3 or flat[k][0][0] != len(names_of):
+            errors.append(f"{why} would unstack '{k}', which is {_describe(*flat[k])}, not a "
+                          f"stack of {len(names_of)}")
+            return
+        made[k] = [one(k, n, i) for i, n in enumerate(names_of)]
+        taken.add(k)
+
+    if provenance is not None:  # the reverse of a stack is an unstack, and back
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for k in kept:
+            pieces = provenance.pieces.get(k)
+            if pieces and len(pieces) > 1:
+                unstack(k, [p for p, _ in pieces], "provenance")
+            elif pieces and pieces[0][1] is not None:
+                groups.setdefault(pieces[0][0], []).append((pieces[0][1], k))
+        for original, members in groups.items():
+            order = [k for _, k in sorted(members)]
+            stack(order, original, "provenance")
+    for rule in selection.stacks:
+        forward: dict[tuple[tuple[str, str], ...], dict[int, str]] = {}
+        backward = []
+        for k in kept:
+            if k in taken:
+                continue
+            hit = rule.member(k)
+            if hit is not None:
+                forward.setdefault(hit[0], {})[hit[1]] = k
+            elif rule.stack(k) is not None:
+                backward.append(k)
+        if not forward and not backward:
+            if rule.shipped:
+                warnings.extend(_skipped_rules([str(rule)], source))
+            else:
+                errors.append(f"{rule} matches no key of '{source}' (neither its members nor "
+                              "its stack)")
+            continue
+        for values, members in forward.items():
+            missing = [e for e in range(max(members) + 1) if e not in members]
+            if missing:
+                errors.append(f"{rule}: the stack '{rule.stack_name(values)}' lacks member "
+                              f"'{rule.member_name(values, missing[0])}' (members run 0 to "
+                              f"{max(members)}, all present)")
+                continue
+            stack([members[e] for e in range(len(members))], rule.stack_name(values), str(rule))
+        for k in backward:
+            values = rule.stack(k)
+            assert values is not None
+            n = flat[k][0][0] if flat[k][0] else 0
+            unstack(k, [rule.member_name(values, e) for e in range(n)], str(rule))
+    units: list[Entry] = []
+    for k in kept:
+        if k in made:
+            units.extend(made[k])
+        elif k not in taken:
+            units.append(one(k, names.get(k, k)))
+    return units
+
+
 def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Decision],
             names: dict[str, str], selection: Selection, reference: ReferenceModel | None,
-            tied: Sequence[Sequence[str]],
-            source: str) -> tuple[list[Entry], list[Drop], list[str]]:
+            tied: Sequence[Sequence[str]], source: str,
+            provenance: Provenance | None = None) -> tuple[list[Entry], list[Drop], list[str]]:
     """Apply renames (after NAMES, provenance's original keys), then check collisions, ties
     and the reference model's key set."""
     entries: list[Entry] = []
@@ -389,25 +481,25 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, D
     warnings: list[str] = []
     targets: dict[str, str] = {}
     used: set[int] = set()
-    errors = []
+    errors: list[str] = []
     for k, (shape, dtype) in flat.items():
         transpose, because, evidence = decisions[k]
         if transpose is None:
             drops.append(Drop(k, shape, dtype, because, evidence))
-            continue
-        t = names.get(k, k)
+    for unit in _units(flat, decisions, names, selection, provenance, source, errors,
+                       warnings):
+        t = unit.key
         for i, r in enumerate(selection.renames):
             t, hit = r.apply(t)
             if hit:
                 used.add(i)
+        first = unit.pieces[0].source
         if not t:
-            errors.append(f"renames turn '{k}' into an empty key")
+            errors.append(f"renames turn '{unit.key}' into an empty key")
         elif t in targets:
-            errors.append(f"'{targets[t]}' and '{k}' would both be renamed to '{t}'")
-        targets[t] = k
-        piece = Piece(k, shape, transpose=transpose)
-        entries.append(Entry(t, swapped(shape) if transpose else shape, dtype, (piece,), because,
-                             evidence))
+            errors.append(f"'{targets[t]}' and '{first}' would both be renamed to '{t}'")
+        targets[t] = first
+        entries.append(dataclasses.replace(unit, key=t))
     skipped = []
     for i, r in enumerate(selection.renames):
         if i not in used:

@@ -167,20 +167,29 @@ def _compare_exact(pair: Pair, src: Checkpoint, dst: Checkpoint) -> CheckResult:
     """Same dtype, shape and bytes; large tensors are compared on disk, chunk by chunk."""
     s, d = src.specs[pair.source], dst.specs[pair.target]
     src_dtype, dst_dtype = s.dtype, d.dtype
-    res = CheckResult(pair.target, pair.source, "tensor", True, dst_dtype, d.shape)
+    s_shape, d_shape = _part(s.shape, pair.source_index), _part(d.shape, pair.target_index)
+    res = CheckResult(pair.name, pair.source, "tensor", True, dst_dtype, d_shape)
+    whole = pair.source_index is None and pair.target_index is None
+
+    def tensors() -> tuple[Any, Any]:
+        a, b = src.tensor(pair.source), dst.tensor(pair.target)
+        return (a if pair.source_index is None else a[pair.source_index],
+                b if pair.target_index is None else b[pair.target_index])
+
     if src_dtype != dst_dtype:
         res.passed, res.message = False, f"dtype changed from {src_dtype} to {dst_dtype}"
-    elif s.shape != d.shape:
-        res.passed, res.message = False, f"shape changed from {s.shape} to {d.shape}"
+    elif s_shape != d_shape:
+        res.passed, res.message = False, f"shape changed from {s_shape} to {d_shape}"
     else:
-        res.bit_exact = _bytes_equal(src, pair.source, dst, pair.target, s.nbytes)
+        res.bit_exact = (_bytes_equal(src, pair.source, dst, pair.target, s.nbytes)
+                         if whole else None)
         a = b = None
         if res.bit_exact is None:
-            a, b = src.tensor(pair.source), dst.tensor(pair.target)
+            a, b = tensors()
             res.bit_exact = bool(_bits(a).equal(_bits(b)))
         if not res.bit_exact:
             if a is None:
-                a, b = src.tensor(pair.source), dst.tensor(pair.target)
+                a, b = tensors()
             res.passed = False
             res.message = "not bit-exact"
             if DTYPES.get(src_dtype) is not None and DTYPES[src_dtype].is_float:
@@ -209,25 +218,29 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     from ..selection import bias_key
 
     s_spec, d_spec = src.specs[pair.source], dst.specs[pair.target]
-    name = pair.target + "".join(f"[{i}]" for i in member)
-    res = CheckResult(name, pair.source, "layer", True, d_spec.dtype,
-                      tuple(d_spec.shape[len(member):]))
+    s_at = (*(() if pair.source_index is None else (pair.source_index,)), *member)
+    d_at = (*(() if pair.target_index is None else (pair.target_index,)), *member)
+    name = pair.target + "".join(f"[{i}]" for i in d_at)
+    s_shape, d_shape = _part(s_spec.shape, pair.source_index), _part(d_spec.shape,
+                                                                     pair.target_index)
+    res = CheckResult(name, pair.source + "".join(f"[{i}]" for i in s_at), "layer", True,
+                      d_spec.dtype, tuple(d_spec.shape[len(d_at):]))
     if s_spec.dtype != d_spec.dtype:
         res.passed, res.message = False, (f"dtype changed from {s_spec.dtype} to "
                                           f"{d_spec.dtype}")
         return res
-    if d_spec.shape != swapped(s_spec.shape):
-        res.passed, res.message = False, (f"shape {d_spec.shape} is not the transpose of "
-                                          f"{s_spec.shape}")
+    if d_shape != swapped(s_shape):
+        res.passed, res.message = False, (f"shape {d_shape} is not the transpose of "
+                                          f"{s_shape}")
         return res
-    w_src, w_dst = src.tensor(pair.source)[member], dst.tensor(pair.target)[member]
+    w_src, w_dst = src.tensor(pair.source)[s_at], dst.tensor(pair.target)[d_at]
     res.bit_exact = _transposed_bits_equal(w_src, w_dst)
 
     src_bias_key = bias_key(pair.source, shapes)
     dst_bias_key = bias_pairs.get(src_bias_key) if src_bias_key else None
-    b_src = src.tensor(src_bias_key)[member] if src_bias_key else None
-    b_dst = (dst.tensor(dst_bias_key)[member] if dst_bias_key and dst_bias_key in dst.specs
-             else None)
+    b_src = _row(src.tensor(src_bias_key), s_at) if src_bias_key else None
+    b_dst = (_row(dst.tensor(dst_bias_key), d_at)
+             if dst_bias_key and dst_bias_key in dst.specs else None)
     w_param, b_param, w_lin, b_lin = ((w_src, b_src, w_dst, b_dst) if src_param
                                       else (w_dst, b_dst, w_src, b_src))
     compute = _COMPUTE_DTYPE.get(s_spec.dtype, "F32")
@@ -267,6 +280,17 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                               + (f"; {msg}" if msg else ""))
     res.passed, res.message = passed, msg
     return res
+
+
+def _part(shape: tuple[int, ...], index: int | None) -> tuple[int, ...]:
+    """The shape of one member of a stack (or the whole, without an index)."""
+    return shape if index is None else tuple(shape[1:])
+
+
+def _row(bias: Any, at: tuple[int, ...]) -> Any:
+    """The bias of the matrix at AT: a stack's `[E, out]` bias has one row per member."""
+    extra = bias.ndim - 1
+    return bias[at[len(at) - extra:]] if extra > 0 else bias
 
 
 def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair],
@@ -313,7 +337,8 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                                                   s.shape, message="not a float matrix"))
                 continue
             # A stack (stacked experts): each member is its own layer pair, named by its index.
-            for member in itertools.product(*(range(n) for n in s.shape[:-2])):
+            for member in itertools.product(*(range(n) for n in
+                                              _part(s.shape, p.source_index)[:-2])):
                 report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs,
                                                     shapes, dev, batch_size, seed, atol, rtol,
                                                     member))

@@ -22,11 +22,37 @@ class Pair:
     source: str
     target: str
     transposed: bool
+    source_index: int | None = None  # a member of a SRC stack (DST unstacked it)
+    target_index: int | None = None  # a member of a DST stack (DST stacked SRC's members)
+
+    @property
+    def name(self) -> str:
+        return self.target + ("" if self.target_index is None else f"[{self.target_index}]")
 
 
 
 def pairs_from_plan(plan: Plan) -> list[Pair]:
-    return [Pair(a.source, a.target, a.transpose) for a in plan.written]
+    """One pair per piece: a stack's members pair with its rows, an unstacked member with
+    its row of the source stack."""
+    pairs = []
+    for e in plan.entries:
+        stacked = len(e.pieces) > 1
+        for j, p in enumerate(e.pieces):
+            pairs.append(Pair(p.source, e.key, p.transpose, p.index, j if stacked else None))
+    return pairs
+
+
+def _pairs_from_provenance(prov: Any) -> list[Pair]:
+    pairs = []
+    for d, (s, t) in prov.keys.items():
+        pieces = prov.pieces.get(d)
+        if not pieces:
+            pairs.append(Pair(s, d, t))
+        elif len(pieces) > 1:
+            pairs += [Pair(src, d, t, None, j) for j, (src, _) in enumerate(pieces)]
+        else:
+            pairs.append(Pair(pieces[0][0], d, t, pieces[0][1]))
+    return pairs
 
 
 def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = None,
@@ -42,8 +68,7 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
     selection = selection or Selection()
     prov = dst.provenance
     if prov is not None and not selection.chooses_layers and _describes(prov, src, dst):
-        pairs = [Pair(s, d, t) for d, (s, t) in prov.keys.items()]
-        return pairs, set(prov.dropped), prov.layout, "DST's provenance"
+        return _pairs_from_provenance(prov), set(prov.dropped), prov.layout, "DST's provenance"
     if selection.chooses_layers or selection.renames or selection.drop:
         best: Plan | None = None
         best_score = -1
@@ -103,8 +128,12 @@ def _no_pairs(src: Checkpoint, dst: Checkpoint, plan: Plan | None = None) -> str
 def _describes(prov: Any, src: Checkpoint, dst: Checkpoint) -> bool:
     """Whether DST's provenance is about SRC: every key it names is in SRC with the shape it
     implies (a round trip's file describes the middle file, not the first)."""
-    for d, (s, transposed) in prov.keys.items():
-        a, b = src.specs.get(s), dst.specs.get(d)
-        if a is None or b is None or (swapped(a.shape) if transposed else a.shape) != b.shape:
+    for p in _pairs_from_provenance(prov):
+        a, b = src.specs.get(p.source), dst.specs.get(p.target)
+        if a is None or b is None:
+            return False
+        have = a.shape if p.source_index is None else a.shape[1:]
+        want = b.shape if p.target_index is None else b.shape[1:]
+        if (swapped(have) if p.transposed and len(have) >= 2 else have) != want:
             return False
     return True
