@@ -97,6 +97,9 @@ def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Stack per-expert tensors FROM (with {e}, e.g. 'experts.{e}.w1."
                           "weight') into one TO ('experts.w1'), or unstack TO into them "
                           "(repeatable)."),
+        click.option("--split", multiple=True, nargs=2, metavar="FROM TO[,TO...]",
+                     help="Split a fused tensor FROM into its parts TO along the output dim, or "
+                          "merge the parts into it (repeatable; sizes and heads: [[split]])."),
         click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="TOML rules file: layers, exclude, drop, [[rename]], [[stack]]."),
         click.option("--preset", metavar="NAME",

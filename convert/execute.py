@@ -104,8 +104,9 @@ def provenance_for(plan: Plan, ckpt: Checkpoint, sha: str = SHA_PLACEHOLDER) -> 
     return Provenance(
         layout=plan.layout,
         keys={e.key: (e.source, e.transpose) for e in plan.entries},
-        pieces={e.key: tuple((p.source, p.index) for p in e.pieces) for e in plan.entries
-                if len(e.pieces) > 1 or e.pieces[0].index is not None},
+        pieces={e.key: tuple((p.source, p.index, p.rows, p.axis) for p in e.pieces)
+                for e in plan.entries
+                if len(e.pieces) > 1 or e.pieces[0].index is not None or e.pieces[0].rows},
         dropped=plan.dropped,
         source_name=ckpt.path.name,
         source_sha256=sha,
@@ -161,10 +162,35 @@ def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
         if progress is not None:
             progress(done, total)
             done += nbytes_of(e.dtype, e.shape)
+        if e.pieces[0].rows is not None:  # a split's part or a merge: join, then write
+            sink.write(e.key, _joined(e, ckpt))
+            continue
         for piece in e.pieces:  # one, or the members of a stack in order
             _stream_piece(e.key, e.dtype, piece, ckpt, sink, inbuf, outbuf)
     if progress is not None:
         progress(total, total)
+
+
+def _joined(e: Any, ckpt: Checkpoint) -> memoryview:
+    """The bytes of an entry made of row ranges of fused or part tensors: the ranges joined
+    along the sources' output dim, then transposed where the entry says (one part, or one
+    fused tensor, in memory: never more than the tensor being written and its source)."""
+    import numpy as np
+
+    itemsize = DTYPES[e.dtype].itemsize
+    blocks = []
+    for p in e.pieces:
+        raw = ckpt.read_bytes(p.source, bytearray(nbytes_of(e.dtype, p.shape)))
+        arr = np.frombuffer(raw, dtype=np.uint8).view(_UINT[itemsize]).reshape(p.shape)
+        if p.index is not None:
+            arr = arr[p.index]
+        cut = [slice(None)] * arr.ndim
+        cut[p.axis] = slice(*p.rows)
+        blocks.append(arr[tuple(cut)])
+    out = np.concatenate(blocks, axis=e.pieces[0].axis)
+    if e.transpose:
+        out = np.swapaxes(out, -1, -2)
+    return memoryview(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
 
 
 def _stream_piece(key: str, dtype: str, piece: Any, ckpt: Checkpoint, sink: Any,
@@ -294,7 +320,8 @@ def _convert_state_dict(plan: Plan, get: Any, ckpt: Checkpoint | None) -> dict[s
     done: dict[str, Any] = {}
     tie_of = {k: g[0] for g in plan.tied for k in g}
     for a in plan.written:
-        if len(a.pieces) > 1 or a.pieces[0].index is not None:  # a stack, or one member of one
+        if len(a.pieces) > 1 or a.pieces[0].index is not None or a.pieces[0].rows:
+            # a stack, a member of one, a part of a fused tensor or a merge
             out[a.target] = _assemble(a, get)
             continue
         head = tie_of.get(a.source)
@@ -321,10 +348,14 @@ def _assemble(entry: Any, get: Any) -> Any:
         t = get(p.source).detach()
         if p.index is not None:
             t = t[p.index]
-        parts.append(t.transpose(-2, -1) if p.transpose else t)
-    if len(parts) == 1:
-        return parts[0].contiguous()
-    return torch.stack(parts).contiguous()
+        if p.rows is not None:
+            t = t.narrow(p.axis, p.rows[0], p.rows[1] - p.rows[0])
+        parts.append(t)
+    if entry.pieces[0].rows is not None:  # a split's part or a merge: join the row ranges
+        out = torch.cat(parts, dim=entry.pieces[0].axis)
+    else:
+        out = parts[0] if len(parts) == 1 else torch.stack(parts)
+    return (out.transpose(-2, -1) if entry.transpose else out).contiguous()
 
 
 def _convert_extras(plan: Plan, ckpt: TorchSource, root: Any) -> tuple[Any, list[str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import CorruptInputError
 from .layout import Layout
@@ -32,7 +33,8 @@ class Provenance:
     operation: str = "convert"  # or "export": the layout kept, nothing transposed
     # destination key -> its pieces, (source key, member index or None), where it is not one
     # whole source tensor: a stack of members, or one member of a source stack
-    pieces: dict[str, tuple[tuple[str, int | None], ...]] = field(default_factory=dict)
+    # (source key, member index or None, rows or None, axis or None) each
+    pieces: dict[str, tuple[tuple[Any, ...], ...]] = field(default_factory=dict)
 
     def to_json(self, keys: list[str] | None = None) -> str:
         """JSON text for the metadata entry, listing only KEYS (a shard's own) if given."""
@@ -60,7 +62,7 @@ def parse_provenance(text: str, path: Path) -> Provenance:
         if obj["version"] != VERSION:
             raise ValueError(f"version {obj['version']!r}, this linconvert reads {VERSION}")
         keys = {str(k): (str(v["source"]), bool(v["transposed"])) for k, v in obj["keys"].items()}
-        pieces = {str(k): tuple((str(s), None if i is None else int(i)) for s, i in v["pieces"])
+        pieces = {str(k): tuple(_piece(p) for p in v["pieces"])
                   for k, v in obj["keys"].items() if "pieces" in v}
         return Provenance(
             layout=Layout(obj["layout"]),
@@ -79,6 +81,15 @@ def parse_provenance(text: str, path: Path) -> Provenance:
                                 "it cannot steer a conversion.") from e
 
 
+def _piece(value: Any) -> tuple[Any, ...]:
+    """(source, index, rows, axis) from a provenance piece ([source, index] or all four)."""
+    source, index, *rest = value
+    rows, axis = rest if rest else (None, None)
+    return (str(source), None if index is None else int(index),
+            None if rows is None else (int(rows[0]), int(rows[1])),
+            None if axis is None else int(axis))
+
+
 def _operation(value: object) -> str:
     if value not in ("convert", "export"):
         raise ValueError(f"operation {value!r} is not convert or export")
@@ -89,7 +100,7 @@ def merge_provenance(parts: list[Provenance], path: Path) -> Provenance:
     """One provenance from every shard's (each lists its own keys)."""
     first = parts[0]
     keys: dict[str, tuple[str, bool]] = {}
-    pieces: dict[str, tuple[tuple[str, int | None], ...]] = {}
+    pieces: dict[str, tuple[tuple[Any, ...], ...]] = {}
     for p in parts:
         pieces.update(p.pieces)
         if (p.layout, p.source_sha256, p.options_hash) != (first.layout, first.source_sha256,

@@ -140,6 +140,60 @@ class StackRule:
         return f"{self.origin} '{self.members}' '{self.stacked}'"
 
 
+@dataclass(frozen=True)
+class SplitRule:
+    """One fused tensor <-> its parts along the output dimension: `sizes` for unequal parts
+    (grouped-query attention), `heads` for parts interleaved per group of heads (GPT-NeoX's
+    query_key_value). `{name}` placeholders as in a stack rule; source-side names."""
+
+    fused: str
+    parts: tuple[str, ...]
+    sizes: tuple[int, ...] = ()
+    heads: int = 0
+    origin: str = "--split"
+    shipped: bool = False
+
+    def __post_init__(self) -> None:
+        want = set(_PLACEHOLDER.findall(self.fused))
+        if len(self.parts) < 2 or "e" in want or any(
+                set(_PLACEHOLDER.findall(p)) != want for p in self.parts):
+            raise UsageError(f"{self} must name two or more parts, each with the fused name's "
+                             "placeholders (e.g. 'h.{l}.attn.c_attn.weight' and "
+                             "'h.{l}.attn.q_proj.weight,h.{l}.attn.k_proj.weight,...').")
+        if self.sizes and (len(self.sizes) != len(self.parts) or min(self.sizes) < 1):
+            raise UsageError(f"{self}: sizes must give one positive size per part.")
+        if self.heads < 0:
+            raise UsageError(f"{self}: heads must be positive.")
+
+    @cached_property
+    def _fused_re(self) -> re.Pattern[str]:
+        return _compile_placeholders(self.fused)
+
+    @cached_property
+    def _part_res(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_compile_placeholders(p) for p in self.parts)
+
+    def fused_values(self, key: str) -> tuple[tuple[str, str], ...] | None:
+        m = self._fused_re.fullmatch(key)
+        return None if m is None else tuple(sorted(m.groupdict().items()))
+
+    def part_values(self, key: str) -> tuple[tuple[tuple[str, str], ...], int] | None:
+        for k, regex in enumerate(self._part_res):
+            m = regex.fullmatch(key)
+            if m is not None:
+                return tuple(sorted(m.groupdict().items())), k
+        return None
+
+    def fused_name(self, values: tuple[tuple[str, str], ...]) -> str:
+        return self.fused.format(**dict(values))
+
+    def part_name(self, values: tuple[tuple[str, str], ...], k: int) -> str:
+        return self.parts[k].format(**dict(values))
+
+    def __str__(self) -> str:
+        return f"{self.origin} '{self.fused}' '{','.join(self.parts)}'"
+
+
 def _compile_placeholders(pattern: str) -> re.Pattern[str]:
     out, pos = [], 0
     for m in _PLACEHOLDER.finditer(pattern):
@@ -160,6 +214,7 @@ class Selection:
     renames: tuple[Rename, ...] = ()
     model: str | None = None
     stacks: tuple[StackRule, ...] = ()
+    splits: tuple[SplitRule, ...] = ()
 
     @property
     def chooses_layers(self) -> bool:
@@ -175,6 +230,8 @@ class Selection:
             "rename": [[r.pattern, r.replacement] for r in self.renames],
             "model": self.model,
             **({"stack": [[r.members, r.stacked] for r in self.stacks]} if self.stacks else {}),
+            **({"split": [[r.fused, list(r.parts), list(r.sizes), r.heads]
+                          for r in self.splits]} if self.splits else {}),
         }
 
     def options_hash(self, target: Layout, *, export: bool = False) -> str:
@@ -189,7 +246,8 @@ class Selection:
                              "pass one --model.")
         return Selection(self.layers + other.layers, self.exclude + other.exclude,
                          self.drop + other.drop, self.renames + other.renames,
-                         self.model or other.model, self.stacks + other.stacks)
+                         self.model or other.model, self.stacks + other.stacks,
+                         self.splits + other.splits)
 
     def target_key(self, key: str) -> str:
         """KEY after every rename, in order."""
@@ -198,7 +256,7 @@ class Selection:
         return key
 
 
-_RULE_KEYS = {"layers", "exclude", "drop", "rename", "stack", "description"}
+_RULE_KEYS = {"layers", "exclude", "drop", "rename", "stack", "split", "description"}
 
 
 def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False) -> Selection:
@@ -238,8 +296,23 @@ def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False)
             raise UsageError(f"{origin}: [[stack]] entry {i + 1} must have string keys 'from' "
                              "and 'to' and nothing else.")
         stacks.append(StackRule(r["from"], r["to"], f"{origin} stack", shipped))
+    splits = []
+    if not isinstance(data.get("split", []), list):
+        raise UsageError(f"{origin}: 'split' must be an array of tables ([[split]] with from, "
+                         "to, and optionally sizes and heads).")
+    for i, r in enumerate(data.get("split", [])):
+        ok = (isinstance(r, dict) and {"from", "to"} <= set(r) <= {"from", "to", "sizes", "heads"}
+              and isinstance(r["from"], str) and isinstance(r["to"], list)
+              and all(isinstance(v, str) for v in r["to"])
+              and all(isinstance(v, int) for v in r.get("sizes", []))
+              and isinstance(r.get("heads", 0), int))
+        if not ok:
+            raise UsageError(f"{origin}: [[split]] entry {i + 1} must have a string 'from', a "
+                             "list of strings 'to', and optionally integer 'sizes' and 'heads'.")
+        splits.append(SplitRule(r["from"], tuple(r["to"]), tuple(r.get("sizes", ())),
+                                r.get("heads", 0), f"{origin} split", shipped))
     return Selection(patterns("layers"), patterns("exclude"), patterns("drop"), tuple(renames),
-                     stacks=tuple(stacks))
+                     stacks=tuple(stacks), splits=tuple(splits))
 
 
 def load_rules(path: Path) -> Selection:
@@ -280,7 +353,8 @@ def load_preset(name: str) -> Selection:
 def make_selection(*, layers: Sequence[str] = (), exclude: Sequence[str] = (),
                    drop: Sequence[str] = (), rename: Sequence[Sequence[str]] = (),
                    rules: Path | str | None = None, preset: str | None = None,
-                   model: str | None = None, stack: Sequence[Sequence[str]] = ()) -> Selection:
+                   model: str | None = None, stack: Sequence[Sequence[str]] = (),
+                   split: Sequence[Sequence[str]] = ()) -> Selection:
     """Combine a preset, a rules file and command-line options, in that order."""
     sel = Selection()
     if preset:
@@ -294,6 +368,8 @@ def make_selection(*, layers: Sequence[str] = (), exclude: Sequence[str] = (),
         tuple(Rename(a, b) for a, b in rename),
         model,
         tuple(StackRule(a, b) for a, b in stack),
+        tuple(SplitRule(a, tuple(b.split(",")) if isinstance(b, str) else tuple(b))
+              for a, b in split),
     )
     sel = sel.merged(options)
     for p in (*sel.layers, *sel.exclude, *sel.drop):
@@ -304,7 +380,7 @@ def make_selection(*, layers: Sequence[str] = (), exclude: Sequence[str] = (),
 
 
 SELECTION_OPTIONS = ("layers", "exclude", "drop", "rename", "rules", "preset", "model",
-                     "stack")
+                     "stack", "split")
 
 
 def selection_from(selection: Selection | None, options: Mapping[str, Any]) -> Selection:

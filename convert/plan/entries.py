@@ -55,6 +55,7 @@ class Piece:
     transpose: bool = False  # swap the last two dims
     index: int | None = None  # which member of a source stack, if any
     rows: tuple[int, int] | None = None  # which part (along the output dim) of a fused tensor
+    axis: int | None = None  # with rows: the source's output dim (-2 linear, -1 param)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"source": self.source, "shape": list(self.shape),
@@ -63,6 +64,7 @@ class Piece:
             d["index"] = self.index
         if self.rows is not None:
             d["rows"] = list(self.rows)
+            d["axis"] = self.axis
         return d
 
 

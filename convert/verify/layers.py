@@ -282,6 +282,60 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     return res
 
 
+def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, batch_size: int,
+                  seed: int, atol: float | None, rtol: float | None) -> CheckResult:
+    """A split's part or a merge, as what it computes: DST must be its pieces of SRC joined
+    along the output dim (bit for bit), and, for a weight, the layer DST makes must give the
+    outputs of the source layers at those output positions (interleave undone)."""
+    import torch
+
+    d = dst.specs[pair.target]
+    res = CheckResult(pair.target, ",".join(dict.fromkeys(q[0] for q in pair.parts)), "part",
+                      True, d.dtype, d.shape)
+    blocks, axis = [], pair.parts[0][3]
+    for source, index, rows, ax in pair.parts:
+        t = src.tensor(source)
+        t = t if index is None else t[index]
+        blocks.append(t.narrow(ax, rows[0], rows[1] - rows[0]))
+    expected = torch.cat(blocks, dim=axis)
+    if pair.transposed:
+        expected = expected.transpose(-2, -1)
+    actual = dst.tensor(pair.target)
+    if tuple(expected.shape) != tuple(actual.shape) or expected.dtype != actual.dtype:
+        res.passed, res.bit_exact = False, False
+        res.message = (f"shape {tuple(actual.shape)} is not the {tuple(expected.shape)} its "
+                       "pieces make")
+        return res
+    res.bit_exact = bool(_bits(expected).equal(_bits(actual)))
+    if expected.ndim == 2 and expected.numel() and DTYPES[d.dtype].is_float:
+        compute = getattr(torch, DTYPES[_COMPUTE_DTYPE.get(d.dtype, "F32")].torch_name)
+        linear_src = axis == -2  # the sources' output dim: rows (linear) or columns (param)
+        in_f = blocks[0].shape[-1] if linear_src else blocks[0].shape[-2]
+        gen = torch.Generator().manual_seed(seed + zlib.crc32(pair.target.encode()))
+        x = torch.randn(batch_size, in_f, generator=gen, dtype=torch.float64).to(device, compute)
+        with torch.no_grad(), ieee_float32():
+            outs = []
+            for source, index, rows, _ in pair.parts:
+                w = src.tensor(source)
+                w = (w if index is None else w[index]).to(device, compute)
+                y = x @ (w.t() if linear_src else w)
+                outs.append(y[:, rows[0]:rows[1]])
+            want = torch.cat(outs, dim=-1)
+            w_dst = actual.to(device, compute)
+            linear_dst = linear_src != pair.transposed
+            got = x @ (w_dst.t() if linear_dst else w_dst)
+        r_tol, a_tol = tolerance_for(d.dtype, atol, rtol)
+        passed, res.max_abs_err, res.rel_err, res.atol_needed, msg = compare_outputs(
+            got, want, in_f, r_tol, a_tol)
+        res.passed, res.message = passed and res.bit_exact, msg
+    else:
+        res.passed = res.bit_exact
+    if not res.bit_exact:
+        res.message = "not the bit-exact join of its pieces" + (
+            f"; {res.message}" if res.message else "")
+    return res
+
+
 def _part(shape: tuple[int, ...], index: int | None) -> tuple[int, ...]:
     """The shape of one member of a stack (or the whole, without an index)."""
     return shape if index is None else tuple(shape[1:])
@@ -304,7 +358,7 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
     dev = resolve_device(device)
     report = VerifyReport(str(src.path), str(dst.path), str(dev), "plan", pairing,
                           seed=seed, batch_size=batch_size, atol=atol, rtol=rtol)
-    paired_src = {p.source for p in pairs}
+    paired_src = {p.source for p in pairs} | {q[0] for p in pairs for q in p.parts}
     paired_dst = {p.target for p in pairs}
     for k in src.specs:
         if k not in paired_src and k not in dropped:
@@ -324,6 +378,9 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
         if p.target not in dst.specs:
             report.results.append(CheckResult(p.target, p.source, "missing", False,
                                               message="missing from DST"))
+            continue
+        if p.parts:
+            report.results.append(_verify_parts(p, src, dst, dev, batch_size, seed, atol, rtol))
             continue
         if p.transposed:
             s = src.specs[p.source]

@@ -24,6 +24,9 @@ class Pair:
     transposed: bool
     source_index: int | None = None  # a member of a SRC stack (DST unstacked it)
     target_index: int | None = None  # a member of a DST stack (DST stacked SRC's members)
+    # a split's part or a merge: DST is these (source, index, rows, axis) pieces of SRC, joined
+    # along the output dim (then transposed where `transposed`)
+    parts: tuple[tuple[Any, ...], ...] = ()
 
     @property
     def name(self) -> str:
@@ -36,6 +39,10 @@ def pairs_from_plan(plan: Plan) -> list[Pair]:
     its row of the source stack."""
     pairs = []
     for e in plan.entries:
+        if any(p.rows is not None for p in e.pieces):
+            pairs.append(Pair(e.source, e.key, e.transpose, parts=tuple(
+                (p.source, p.index, p.rows, p.axis) for p in e.pieces)))
+            continue
         stacked = len(e.pieces) > 1
         for j, p in enumerate(e.pieces):
             pairs.append(Pair(p.source, e.key, p.transpose, p.index, j if stacked else None))
@@ -48,8 +55,10 @@ def _pairs_from_provenance(prov: Any) -> list[Pair]:
         pieces = prov.pieces.get(d)
         if not pieces:
             pairs.append(Pair(s, d, t))
+        elif any(p[2] is not None for p in pieces):  # a part of a split, or a merge
+            pairs.append(Pair(pieces[0][0], d, t, parts=tuple(pieces)))
         elif len(pieces) > 1:
-            pairs += [Pair(src, d, t, None, j) for j, (src, _) in enumerate(pieces)]
+            pairs += [Pair(p[0], d, t, None, j) for j, p in enumerate(pieces)]
         else:
             pairs.append(Pair(pieces[0][0], d, t, pieces[0][1]))
     return pairs
@@ -130,8 +139,10 @@ def _describes(prov: Any, src: Checkpoint, dst: Checkpoint) -> bool:
     implies (a round trip's file describes the middle file, not the first)."""
     for p in _pairs_from_provenance(prov):
         a, b = src.specs.get(p.source), dst.specs.get(p.target)
-        if a is None or b is None:
+        if a is None or b is None or any(q[0] not in src.specs for q in p.parts):
             return False
+        if p.parts:
+            continue  # checked piece by piece by the verifier
         have = a.shape if p.source_index is None else a.shape[1:]
         want = b.shape if p.target_index is None else b.shape[1:]
         if (swapped(have) if p.transposed and len(have) >= 2 else have) != want:
