@@ -329,7 +329,8 @@ def load_rules(path: Path) -> Selection:
 def list_presets() -> dict[str, str]:
     """Shipped presets: name -> description."""
     out = {}
-    for entry in sorted(resources.files("convert.presets").iterdir(), key=lambda p: p.name):
+    for entry in sorted(resources.files("convert.presets").iterdir(),
+                        key=lambda p: p.name.removesuffix(".toml")):
         if entry.name.endswith(".toml"):
             data = tomllib.loads(entry.read_text(encoding="utf-8"))
             out[entry.name[:-5]] = str(data.get("description", ""))

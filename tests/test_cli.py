@@ -79,8 +79,8 @@ def test_inspect_training_checkpoint_lists_extras(fixture_dir, runner):
 def test_presets(runner):
     res = runner("presets")
     assert res.exit_code == 0
-    assert [line.split("\t")[0] for line in res.stdout.splitlines()] == ["flax", "gpt2", "keras",
-                                                                      "wb"]
+    names = [line.split("\t")[0] for line in res.stdout.splitlines()]
+    assert names == ["flax", "gpt2", "gpt2-qkv", "keras", "wb"]
     assert "c_attn" in runner("presets", "gpt2").stdout
     assert runner("presets", "nope").exit_code == 2
 

@@ -158,3 +158,14 @@ def test_bad_split_rules_are_exit_2(tmp_path, runner, case):
         assert res.exit_code == 2, (case, res.stderr)
         assert res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_the_gpt2_qkv_preset_splits_and_merges(tmp_path):
+    model, src = _gpt2(tmp_path)
+    convert.to_linear(src, tmp_path / "qkv.safetensors", preset="gpt2-qkv")
+    out = load_file(tmp_path / "qkv.safetensors")
+    assert out["h.0.attn.q_proj.weight"].shape == (8, 8) and "h.0.attn.c_attn.weight" not in out
+    assert out["h.0.mlp.c_fc.weight"].shape == (32, 8)  # the other Conv1D layers transposed
+    convert.to_param(tmp_path / "qkv.safetensors", tmp_path / "back.safetensors")
+    back = load_file(tmp_path / "back.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in load_file(src).items())
