@@ -339,6 +339,12 @@ _LISTS = ("layers", "exclude", "drop", "allow-global")
 _WORDS = {"and", "or", "to", "the", "must", "does", "do", "apply", "applies", "used", "with",
           "is", "are", "for", "in", "of", "a", "an", "as", "be", "when", "that", "which", "only",
           "given", "batch", "it", "they"}
+_OPTIONS = {"layers", "exclude", "drop", "rename", "stack", "split", "rules", "preset", "model",
+            "state-dict-key", "allow-global", "dry-run", "verify", "no-verify", "device",
+            "overwrite", "report", "junit", "format", "max-shard-size", "input-shape",
+            "input-dtype", "input-high", "opset", "external-data", "layout", "atol", "rtol",
+            "batch-size", "seed", "source-model", "target-model", "manifest", "direction",
+            "out-dir", "jobs", "shard", "force", "fail-fast"}
 _VALUED = ("model", "preset", "rules", "format", "layout", "state-dict-key", "max-shard-size",
            "opset", "input-shape", "input-dtype", "input-high", "atol", "rtol", "device",
            "source-model", "target-model", "batch-size", "seed", "jobs", "shard", "out-dir",
@@ -346,28 +352,32 @@ _VALUED = ("model", "preset", "rules", "format", "layout", "state-dict-key", "ma
 
 
 def keyword_message(text: str) -> str:
-    """TEXT with the command line's options written as the API's keyword arguments."""
+    """TEXT with the command line's options written as the API's keyword arguments: only
+    the options linconvert has, only where they stand as words (never inside a path)."""
     def name(flag: str) -> str:
         return flag.replace("-", "_")
 
-    text = re.sub(r"--rename '((?:[^'\\]|\\.)*)' '((?:[^'\\]|\\.)*)'",
+    opt = rf"(?<![\w./-])--({'|'.join(sorted(_OPTIONS, key=len, reverse=True))})(?![\w-])"
+    text = re.sub(r"(?<![\w./-])--rename '((?:[^'\\]|\\.)*)' '((?:[^'\\]|\\.)*)'",
                   lambda m: f"rename=[('{m[1]}', '{m[2]}')]", text)
-    text = re.sub(rf"--({'|'.join(_LISTS)}) '([^']*)'",
+    text = re.sub(r"rename=\[(\(.*?\))\] rename=\[", r"rename=[\1, ", text)
+    text = re.sub(rf"(?<![\w./-])--({'|'.join(_LISTS)}) '([^']*)'",
                   lambda m: f"{name(m[1])}=['{m[2]}']", text)
+
     def valued(m: re.Match[str]) -> str:
         if m[2] is not None:
             return f"{name(m[1])}='{m[2]}'"
-        value = m[3].rstrip(".")
+        value = m[3].rstrip(".:,;")
+        end = m[3][len(value):]
         if value in _WORDS:  # the option named in a sentence, not given a value
             return f"{name(m[1])} {m[3]}"
-        end = m[3][len(value):]
         shown = value if re.fullmatch(r"-?[0-9.]+", value) else f"'{value}'"
         return f"{name(m[1])}={shown}{end}"
 
-    text = re.sub(rf"--({'|'.join(_VALUED)}) (?:'([^']*)'|([A-Za-z0-9_.:/|\[\]-]+))", valued,
-                  text)
-    text = re.sub(r"--([a-z][a-z-]*)", lambda m: _FLAGS.get(m[1], name(m[1])), text)
-    return re.sub(r"(?<![\w-])-o\b", "dst", text)
+    text = re.sub(rf"(?<![\w./-])--({'|'.join(_VALUED)}) (?:'([^']*)'|([A-Za-z0-9_.:/|\[\]-]+))",
+                  valued, text)
+    text = re.sub(opt, lambda m: _FLAGS.get(m[1], name(m[1])), text)
+    return re.sub(r"(?<![\w./-])-o(?![\w-])", "dst", text)
 
 
 def public(fn: Callable[..., Any]) -> Callable[..., Any]:

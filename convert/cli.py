@@ -8,13 +8,11 @@ every outcome goes through `main`'s one handler. Nothing heavy is imported at mo
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +22,12 @@ from . import __version__
 from .errors import ConvertError, Terminated
 
 
-@dataclass
 class Settings:
     """How much to say, for one run of the command line (the context's `obj`)."""
 
-    verbose: int = 0
-    quiet: bool = False
+    def __init__(self) -> None:
+        self.verbose = 0
+        self.quiet = False
 
 
 def _settings() -> Settings:
@@ -43,6 +41,8 @@ def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> int:
     if settings is not None:
         settings.verbose = max(settings.verbose, value or 0)
         if settings.verbose:  # libraries' own loggers (the ONNX exporter's) may speak too
+            import logging
+
             logging.getLogger("linconvert").setLevel(logging.DEBUG)
     return value
 
@@ -433,7 +433,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (the one handler that maps outcomes)."""
     settings = Settings()
-    logging.getLogger("linconvert").setLevel(logging.NOTSET)
+    if "logging" in sys.modules:  # a previous run's -v (in-process callers, tests)
+        sys.modules["logging"].getLogger("linconvert").setLevel(0)
     try:
         rv = cli.main(args=argv, prog_name="linconvert", standalone_mode=False, obj=settings)
         return rv if isinstance(rv, int) else 0

@@ -439,17 +439,20 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
 def written_bytes(plan: Plan, ckpt: Checkpoint, keys: set[str]) -> Any:
     """Yield (entry, bytes) for the entries of KEYS, made as the plan says (for ONNX)."""
     class Collect:
+        def __init__(self) -> None:
+            self.data = bytearray()
+
         def write(self, key: str, data: Any) -> None:
-            self.data = bytes(data)
+            self.data += data
 
         def copy(self, key: str, fd: int, offset: int, length: int) -> None:
-            self.data = read_range(fd, offset, length)
+            self.data += read_range(fd, offset, length)
 
-    sink = Collect()
     for e in plan.entries:
         if e.key in keys:
+            sink = Collect()
             stream_entries(replace(plan, entries=(e,)), ckpt, sink)
-            yield e, sink.data
+            yield e, bytes(sink.data)
 
 
 def converted_state_dict(plan: Plan, ckpt: Checkpoint) -> dict[str, Any]:

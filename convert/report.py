@@ -30,14 +30,20 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def render_plan(plan: Plan) -> str:
     """The plan as `--dry-run` prints it."""
     rows = []
-    for a in plan.actions:
-        target = "-" if a.dropped else ("=" if a.target == a.source else a.target)
-        shape = _shape(a.source_shape) + (f" -> {_shape(a.target_shape)}" if a.transpose
-                                          else "")
-        rows.append([a.action, a.source, target, shape, a.dtype, a.reason])
+    for k, a in plan.rows:
+        pieces = getattr(a, "pieces", ())
+        more = len({p.source for p in pieces}) - 1
+        key = k + (f" (+{more} more)" if more > 0 else "")
+        target = "-" if a.dropped else ("=" if a.target == k else a.target)
+        if len(pieces) > 1 or (pieces and (pieces[0].index is not None or pieces[0].rows)):
+            shape = f"{len(pieces)} pieces -> {_shape(a.target_shape)}"
+        else:
+            shape = _shape(a.source_shape) + (f" -> {_shape(a.target_shape)}" if a.transpose
+                                              else "")
+        rows.append([a.action, key, target, shape, a.dtype, a.reason])
     n_t, n_d = len(plan.transposed), len(plan.dropped)
-    head = (f"plan: {plan.direction} '{plan.source}': {len(plan.actions)} keys, "
-            f"{n_t} transposed, {n_d} dropped, {len(plan.actions) - n_t - n_d} kept"
+    head = (f"plan: {plan.direction} '{plan.source}': {len(plan.keys) or len(rows)} keys, "
+            f"{n_t} transposed, {n_d} dropped, {len(plan.entries) - n_t} kept"
             + (" (reversing its provenance)" if plan.from_provenance else ""))
     text = head + "\n" + table(["action", "key", "target", "shape", "dtype", "reason"], rows)
     return text + ("\n" + render_output(plan.output) if plan.output else "")

@@ -269,3 +269,70 @@ def test_bad_stack_rules_are_exit_2(tmp_path, runner, case):
         assert res.exit_code == 2, (case, res.stderr)
         assert res.stderr.count("\n") == 1 and "stack" in res.stderr, res.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# --- what review found ------------------------------------------------------------------------
+
+def test_stacked_experts_with_biases_round_trip(tmp_path, runner):
+    g = torch.Generator().manual_seed(8)
+    sd = {}
+    for e in range(E):
+        sd[f"moe.experts.{e}.fc.weight"] = torch.randn(5, 3, generator=g)  # nn.Linear(3, 5)
+        sd[f"moe.experts.{e}.fc.bias"] = torch.randn(5, generator=g)
+    save_file(sd, str(tmp_path / "pe.safetensors"))
+    rule = ("moe.experts.{e}.fc.{name}", "moe.experts.fc.{name}")
+    convert.to_param(tmp_path / "pe.safetensors", tmp_path / "st.safetensors", stack=[rule])
+    out = load_file(tmp_path / "st.safetensors")
+    assert out["moe.experts.fc.weight"].shape == (E, 3, 5)
+    assert out["moe.experts.fc.bias"].shape == (E, 5)
+    res = runner("to-linear", tmp_path / "st.safetensors", "-o", tmp_path / "back.safetensors")
+    assert res.exit_code == 0, res.stderr
+    back = load_file(tmp_path / "back.safetensors")
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_unstacking_a_weight_beside_its_stacked_bias_verifies(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    sd = {"experts.w.weight": torch.randn(E, 3, 5, generator=g),  # [E, in, out]
+          "experts.w.bias": torch.randn(E, 5, generator=g)}       # [E, out]
+    save_file(sd, str(tmp_path / "s.safetensors"))
+    report = convert.to_linear(tmp_path / "s.safetensors", tmp_path / "u.safetensors",
+                               stack=[("experts.{e}.w.weight", "experts.w.weight")])
+    assert report.verification is not None and report.verification.equivalent
+    out = load_file(tmp_path / "u.safetensors")
+    assert out["experts.2.w.weight"].shape == (5, 3) and out["experts.w.bias"].shape == (E, 5)
+
+
+def test_export_keeps_a_stack_made_by_a_rule(tmp_path):
+    src, sd = _per_expert(tmp_path, layers=1)
+    report = convert.export(src, tmp_path / "e.safetensors", layout="linear", stack=[W1],
+                            layers=["layers.*.experts.*.weight"])
+    out = load_file(tmp_path / "e.safetensors")
+    want = torch.stack([sd[f"layers.0.experts.{e}.w1.weight"] for e in range(E)])
+    assert torch.equal(out["layers.0.experts.w1"], want)  # stacked, layout kept
+    assert report.verification is not None and report.verification.equivalent
+
+
+def test_dropping_a_key_while_reversing_provenance(tmp_path):
+    src, _ = _per_expert(tmp_path, layers=1)
+    convert.to_param(src, tmp_path / "p.safetensors", layers=["layers.*.experts.*.weight"])
+    sd = load_file(tmp_path / "p.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        meta = f.metadata()
+    sd["added.later"] = torch.zeros(2)  # a key the provenance does not list, dropped
+    save_file(sd, str(tmp_path / "p2.safetensors"), metadata=meta)
+    report = convert.to_linear(tmp_path / "p2.safetensors", tmp_path / "l.safetensors",
+                               drop=["added.later"])
+    assert "added.later" not in load_file(tmp_path / "l.safetensors")
+    assert report.plan.from_provenance
+
+
+def test_the_dry_run_names_each_member_once(tmp_path, runner):
+    src, _ = _per_expert(tmp_path, layers=1)
+    res = runner("to-param", src, "-o", tmp_path / "g.safetensors", "--stack", *W1, "--layers",
+                 "layers.*.experts.*.weight", "--dry-run")
+    assert res.exit_code == 0, res.stderr
+    stack_lines = [x for x in res.stdout.splitlines() if "layers.0.experts.w1 " in x]
+    assert len(stack_lines) == 1 and "(+3 more)" in stack_lines[0]

@@ -465,6 +465,15 @@ class SafetensorsSource(Source):
         except OSError as e:
             self.close()
             raise CorruptInputError(f"cannot open '{h.path}': {e.strerror or e}.") from e
+        try:
+            self._read_provenance(path, headers)
+        except CorruptInputError:
+            self.close()
+            raise
+        self.files = tuple(h.path for h in headers)
+        self.metadata = dict(headers[0].metadata) if headers else {}
+
+    def _read_provenance(self, path: Path, headers: Sequence[SafetensorsHeader]) -> None:
         provs = []
         for i, h in enumerate(headers):
             for name, rec in h.tensors.items():
@@ -477,8 +486,6 @@ class SafetensorsSource(Source):
                 raise CorruptInputError(f"only some shards of '{path}' carry linconvert "
                                         "provenance; the checkpoint mixes files.")
             self.provenance = merge_provenance(provs, path)
-        self.files = tuple(h.path for h in headers)
-        self.metadata = dict(headers[0].metadata) if headers else {}
 
     def close(self) -> None:
         for fd in self._fds:

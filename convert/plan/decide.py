@@ -89,7 +89,7 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
         provenance = None  # an export transposed nothing: its reverse is decided by evidence
     if provenance is not None and not selection.chooses_layers:
         decisions, warnings = _decide_from_provenance(flat, provenance, selection, source)
-        names = {k: provenance.keys[k][0] for k in flat}
+        names = {k: provenance.keys[k][0] for k in flat if k in provenance.keys}
         from_provenance = True
     else:
         decisions, warnings = _decide(flat, target, selection, reference, source,
@@ -140,18 +140,19 @@ def build_export_plan(specs: Mapping[str, SpecLike], selection: Selection | None
                           source=source, require_change=False, refuse_ambiguous=layers_matter)
         held = layout
     else:
-        plans: dict[Layout, Plan] = {}
-        errors: list[UsageError] = []
+        if selection.layers or selection.exclude:
+            raise UsageError(f"export of '{source}' with --layers, --exclude or a preset's "
+                             "patterns needs --layout linear or --layout param: patterns say "
+                             "which tensors are linear weights, not which layout they are "
+                             "stored in.")
+        plans = {}
         for held in (Layout.LINEAR, Layout.PARAM):
-            try:
-                plans[held] = build_plan(specs, held.other, selection, reference=reference,
-                                         tied=tied, source=source)
-            except UsageError as e:
-                errors.append(e)
+            plan = build_plan(specs, held.other, selection, reference=reference, tied=tied,
+                              source=source, require_change=False,
+                              refuse_ambiguous=layers_matter)
+            if plan.transposed:
+                plans[held] = plan
         if not plans:
-            real = [e for e in errors if not str(e).startswith("nothing to transpose")]
-            if real:
-                raise real[0]
             raise UsageError(f"export cannot tell which layout '{source}' holds (no bias "
                              "evidence, provenance or reference model); pass --layout linear "
                              "or --layout param.")
@@ -162,14 +163,14 @@ def build_export_plan(specs: Mapping[str, SpecLike], selection: Selection | None
                              f"{par} param); say which layout to record with --layout.")
         ((held, conv),) = plans.items()
     entries = []
-    for e in conv.entries:
-        piece = Piece(e.source, e.source_shape)
+    for e in conv.entries:  # the same pieces, none transposed
+        pieces = tuple(dataclasses.replace(p, transpose=False) for p in e.pieces)
+        shape = swapped(e.shape) if e.transpose else e.shape
         if e.transpose:
-            entries.append(Entry(e.key, e.source_shape, e.dtype, (piece,), Because.LAYOUT_KEPT,
+            entries.append(Entry(e.key, shape, e.dtype, pieces, Because.LAYOUT_KEPT,
                                  f"{held}: {e.reason}"))
         else:
-            entries.append(Entry(e.key, e.source_shape, e.dtype, (piece,), e.because,
-                                 e.evidence))
+            entries.append(Entry(e.key, shape, e.dtype, pieces, e.because, e.evidence))
     return Plan(source, held, tuple(entries), conv.drops,
                 selection.options_hash(held, export=True), conv.keys, conv.tied, conv.warnings,
                 False, conv.selection, conv.model_parameters, operation="export",
@@ -416,7 +417,7 @@ def _units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, De
         taken.update(members)
 
     def unstack(k: str, names_of: list[str], why: str) -> None:
-        if len(flat[k][0]) < 3 or flat[k][0][0] != len(names_of):
+        if len(flat[k][0]) < 2 or flat[k][0][0] != len(names_of):
             errors.append(f"{why} would unstack '{k}', which is {_describe(*flat[k])}, not a "
                           f"stack of {len(names_of)}")
             return

@@ -256,14 +256,20 @@ class Plan:
         return tuple(d.source for d in self.drops)
 
     @property
-    def actions(self) -> tuple[Entry | Drop, ...]:
-        """One line per source key, in source order: its entry, or why it is dropped."""
-        by_key: dict[str, Entry | Drop] = {d.source: d for d in self.drops}
+    def rows(self) -> tuple[tuple[str, Entry | Drop], ...]:
+        """(source key, what it becomes), in source order: each destination tensor once, at
+        its first source key (a stack at its first member, every member of an unstacked
+        tensor at that tensor), and each dropped key."""
+        at: dict[str, list[Entry | Drop]] = {d.source: [d] for d in self.drops}
         for e in self.entries:
-            for s in e.sources:
-                by_key.setdefault(s, e)
-        order = self.keys or tuple(by_key)
-        return tuple(by_key[k] for k in order if k in by_key)
+            at.setdefault(e.source, []).append(e)
+        order = self.keys or tuple(at)
+        return tuple((k, item) for k in order for item in at.get(k, ()))
+
+    @property
+    def actions(self) -> tuple[Entry | Drop, ...]:
+        """What the rows hold, in their order."""
+        return tuple(item for _, item in self.rows)
 
     def entry(self, key: str) -> Entry:
         """The entry that writes destination KEY."""
@@ -271,8 +277,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         actions = []
-        for a in self.actions:
-            actions.append({"source": a.source, "target": a.target or None, "action": a.action,
+        for k, a in self.rows:
+            actions.append({"source": k, "target": a.target or None, "action": a.action,
                             "shape": list(a.source_shape), "target_shape": list(a.target_shape),
                             "dtype": a.dtype, "reason": a.reason})
         return {

@@ -205,7 +205,8 @@ def _compare_exact(pair: Pair, src: Checkpoint, dst: Checkpoint) -> CheckResult:
 def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                   bias_pairs: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
                   device: Any, batch_size: int, seed: int, atol: float | None,
-                  rtol: float | None, member: tuple[int, ...] = ()) -> CheckResult:
+                  rtol: float | None, member: tuple[int, ...] = (),
+                  loaded: tuple[Any, Any] | None = None) -> CheckResult:
     """One linear layer: ParamLinear on the param side vs nn.Linear on the linear side.
 
     SHAPES maps SRC's keys to their shapes (to find the layer's bias). MEMBER picks one
@@ -233,14 +234,21 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
         res.passed, res.message = False, (f"shape {d_shape} is not the transpose of "
                                           f"{s_shape}")
         return res
-    w_src, w_dst = src.tensor(pair.source)[s_at], dst.tensor(pair.target)[d_at]
+    whole_src, whole_dst = loaded or (src.tensor(pair.source), dst.tensor(pair.target))
+    w_src, w_dst = whole_src[s_at], whole_dst[d_at]
     res.bit_exact = _transposed_bits_equal(w_src, w_dst)
 
     src_bias_key = bias_key(pair.source, shapes)
-    dst_bias_key = bias_pairs.get(src_bias_key) if src_bias_key else None
+    hit = (bias_pairs.get((src_bias_key, pair.source_index))
+           or bias_pairs.get((src_bias_key, None))) if src_bias_key else None
     b_src = _row(src.tensor(src_bias_key), s_at) if src_bias_key else None
-    b_dst = (_row(dst.tensor(dst_bias_key), d_at)
-             if dst_bias_key and dst_bias_key in dst.specs else None)
+    b_dst = None
+    if hit is not None and hit[0] in dst.specs:
+        t = dst.tensor(hit[0])
+        if hit[1] is not None:  # the bias was stacked too: its row
+            t = t[hit[1]]
+        # a bias still stacked beside an unstacked weight takes the source's index
+        b_dst = _row(t, d_at if len(d_at) >= t.ndim - 1 else s_at)
     w_param, b_param, w_lin, b_lin = ((w_src, b_src, w_dst, b_dst) if src_param
                                       else (w_dst, b_dst, w_src, b_src))
     compute = _COMPUTE_DTYPE.get(s_spec.dtype, "F32")
@@ -369,7 +377,8 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
             report.results.append(CheckResult(k, "", "unexpected", False,
                                               message="DST key has no counterpart in SRC"))
     shapes = {k: s.shape for k, s in src.specs.items()}
-    bias_pairs = {p.source: p.target for p in pairs if not p.transposed}
+    bias_pairs = {(p.source, p.source_index): (p.target, p.target_index) for p in pairs
+                  if not p.transposed and not p.parts}
     for p in pairs:
         if p.source not in src.specs:
             report.results.append(CheckResult(p.target, p.source, "missing", False,
@@ -393,12 +402,14 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                 report.results.append(CheckResult(p.target, p.source, "layer", False, s.dtype,
                                                   s.shape, message="not a float matrix"))
                 continue
-            # A stack (stacked experts): each member is its own layer pair, named by its index.
+            # A stack (stacked experts): each member is its own layer pair, named by its index;
+            # the two tensors are read once for all of them.
+            loaded = (src.tensor(p.source), dst.tensor(p.target))
             for member in itertools.product(*(range(n) for n in
                                               _part(s.shape, p.source_index)[:-2])):
                 report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs,
                                                     shapes, dev, batch_size, seed, atol, rtol,
-                                                    member))
+                                                    member, loaded))
         else:
             report.results.append(_compare_exact(p, src, dst))
         src.release(p.source)

@@ -10,6 +10,7 @@ from ..errors import UsageError
 from ..layout import Layout
 from .layers import _bits, compare_outputs, ieee_float32, tolerance_for
 from .models import compare_output_lists, flatten_outputs
+from .pairing import pairs_from_provenance
 from .report import CheckResult, VerifyReport
 
 if TYPE_CHECKING:
@@ -60,14 +61,23 @@ def verify_onnx_layers(src: Checkpoint, model_path: Any, *, seed: int = 0, batch
                           "plan", "the ONNX file's provenance", seed=seed,
                           batch_size=batch_size, atol=atol, rtol=rtol)
     dropped = set(prov.dropped)
+    # where each initializer comes from: a source tensor, or one member of a source stack
+    where = {p.target: p for p in pairs_from_provenance(prov)}
+    sources = {p.source for p in where.values()}
     for k in src.specs:
-        if k not in {s for s, _ in prov.keys.values()} and k not in dropped:
+        if k not in sources and k not in dropped:
             report.warnings.append(f"'{k}' is not in the layer graph (not a converted linear "
                                    "layer's weight or bias).")
 
+    def source_tensor(dst_key: str) -> Any:
+        pair = where[dst_key]
+        t = src.tensor(pair.source)
+        return t if pair.source_index is None else t[pair.source_index]
+
     def expected_bits(dst_key: str) -> Any:
-        source, transposed = prov.keys[dst_key]
-        t = src.tensor(source)
+        pair = where[dst_key]
+        t = source_tensor(dst_key)
+        transposed = pair.transposed
         return _bits(t.transpose(-2, -1) if transposed else t)
 
     session, why_not = _ort_session(model_path)
@@ -78,7 +88,7 @@ def verify_onnx_layers(src: Checkpoint, model_path: Any, *, seed: int = 0, batch
                           tuple(inits[layer.weight].dims) if layer.weight in inits else ())
         ok = True
         for key in filter(None, (layer.weight, layer.bias)):
-            if key not in inits or key not in prov.keys:
+            if key not in inits or key not in where:
                 ok, res.message = False, f"initializer '{key}' is missing"
                 break
             data = initializer_bytes(inits[key])
@@ -98,9 +108,8 @@ def verify_onnx_layers(src: Checkpoint, model_path: Any, *, seed: int = 0, batch
         if not ok:
             res.passed = False
             continue
-        source, _ = prov.keys[layer.weight]
-        w = src.tensor(source)
-        b = src.tensor(prov.keys[layer.bias][0]) if layer.bias else None
+        w = source_tensor(layer.weight)
+        b = source_tensor(layer.bias) if layer.bias else None
         held = prov.layout if prov.operation == "export" else prov.layout.other
         src_param = held is Layout.PARAM  # the source side's layer
         compute = torch.float64 if layer.dtype == "F64" else torch.float32

@@ -49,7 +49,7 @@ def pairs_from_plan(plan: Plan) -> list[Pair]:
     return pairs
 
 
-def _pairs_from_provenance(prov: Any) -> list[Pair]:
+def pairs_from_provenance(prov: Any) -> list[Pair]:
     pairs = []
     for d, (s, t) in prov.keys.items():
         pieces = prov.pieces.get(d)
@@ -77,7 +77,7 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
     selection = selection or Selection()
     prov = dst.provenance
     if prov is not None and not selection.chooses_layers and _describes(prov, src, dst):
-        return _pairs_from_provenance(prov), set(prov.dropped), prov.layout, "DST's provenance"
+        return pairs_from_provenance(prov), set(prov.dropped), prov.layout, "DST's provenance"
     if selection.chooses_layers or selection.renames or selection.drop:
         best: Plan | None = None
         best_score = -1
@@ -137,7 +137,7 @@ def _no_pairs(src: Checkpoint, dst: Checkpoint, plan: Plan | None = None) -> str
 def _describes(prov: Any, src: Checkpoint, dst: Checkpoint) -> bool:
     """Whether DST's provenance is about SRC: every key it names is in SRC with the shape it
     implies (a round trip's file describes the middle file, not the first)."""
-    for p in _pairs_from_provenance(prov):
+    for p in pairs_from_provenance(prov):
         a, b = src.specs.get(p.source), dst.specs.get(p.target)
         if a is None or b is None or any(q[0] not in src.specs for q in p.parts):
             return False
