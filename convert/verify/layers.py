@@ -344,6 +344,20 @@ def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, bat
     return res
 
 
+class _LastTensors:
+    """The last tensor read from each checkpoint, kept while the next pair wants it too (the
+    members of a stack pair with one tensor in turn)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[str, Any]] = {}
+
+    def get(self, ckpt: Checkpoint, key: str) -> Any:
+        last = self._last.get(id(ckpt))
+        if last is None or last[0] != key:
+            last = self._last[id(ckpt)] = (key, ckpt.tensor(key))
+        return last[1]
+
+
 def _part(shape: tuple[int, ...], index: int | None) -> tuple[int, ...]:
     """The shape of one member of a stack (or the whole, without an index)."""
     return shape if index is None else tuple(shape[1:])
@@ -377,6 +391,7 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
             report.results.append(CheckResult(k, "", "unexpected", False,
                                               message="DST key has no counterpart in SRC"))
     shapes = {k: s.shape for k, s in src.specs.items()}
+    held = _LastTensors()  # a stack's E pairs all want it: read it once, not E times
     bias_pairs = {(p.source, p.source_index): (p.target, p.target_index) for p in pairs
                   if not p.transposed and not p.parts}
     for p in pairs:
@@ -404,7 +419,7 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                 continue
             # A stack (stacked experts): each member is its own layer pair, named by its index;
             # the two tensors are read once for all of them.
-            loaded = (src.tensor(p.source), dst.tensor(p.target))
+            loaded = (held.get(src, p.source), held.get(dst, p.target))
             for member in itertools.product(*(range(n) for n in
                                               _part(s.shape, p.source_index)[:-2])):
                 report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs,

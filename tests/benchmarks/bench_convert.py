@@ -94,6 +94,69 @@ def generate(folder: Path, layers: int, d: int = 1024, vocab: int = 50257) -> No
     torch.save(sd, pt)
 
 
+NAIVE_MOE = """
+import re, sys, torch
+from safetensors.torch import load_file, save_file
+sd = load_file(sys.argv[1])
+out, groups = {}, {}
+for k, v in sd.items():
+    m = re.fullmatch(r"layers\\.(\\d+)\\.experts\\.(\\d+)\\.(w[12])\\.weight", k)
+    if m:
+        groups.setdefault((m[1], m[3]), {})[int(m[2])] = v
+    else:
+        out[k] = v
+for (layer, w), members in groups.items():
+    out[f"layers.{layer}.experts.{w}"] = torch.stack(
+        [members[e].t() for e in range(len(members))]).contiguous()
+save_file(out, sys.argv[2])
+"""
+MOE_RULES = ["--stack", "layers.{l}.experts.{e}.w1.weight", "layers.{l}.experts.w1",
+             "--stack", "layers.{l}.experts.{e}.w2.weight", "layers.{l}.experts.w2",
+             "--layers", "layers.*.experts.*.weight"]
+
+
+def generate_moe(folder: Path, experts: int, layers: int, h: int = 256, inter: int = 512) -> Path:
+    """The Hub's per-expert layout: E nn.Linear weights per projection and layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for layer in range(layers):
+        for e in range(experts):
+            sd[f"layers.{layer}.experts.{e}.w1.weight"] = torch.rand(inter, h, generator=g)
+            sd[f"layers.{layer}.experts.{e}.w2.weight"] = torch.rand(h, inter, generator=g)
+        sd[f"layers.{layer}.norm.weight"] = torch.ones(h)
+    path = folder / f"moe-{experts}x{layers}.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def measure_moe(folder: Path, experts: int, layers: int,
+                repeat: int) -> dict[str, list[tuple[float, float]]]:
+    src = folder / f"moe-{experts}x{layers}.safetensors"
+    if not src.exists():
+        subprocess.run([sys.executable, __file__, "--generate-moe", f"{experts}x{layers}",
+                        "--workdir", str(folder)], check=True)
+    out = folder / "moe-out.safetensors"
+    lc = linconvert()
+    cases = {
+        "naive: load_file, stack(w.t()), save_file": [sys.executable, "-c", NAIVE_MOE, str(src),
+                                                       str(out)],
+        "linconvert to-param --stack, --no-verify": [*lc, "to-param", str(src), "-o", str(out),
+                                                     *MOE_RULES, "--no-verify", "--overwrite",
+                                                     "-q"],
+        "linconvert to-param --stack, verified": [*lc, "to-param", str(src), "-o", str(out),
+                                                  *MOE_RULES, "--overwrite", "-q"],
+    }
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
+    for _ in range(repeat):
+        for name, cmd in cases.items():
+            out.unlink(missing_ok=True)
+            results[name].append(run(cmd))
+    return results
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one child process."""
     start = time.perf_counter()
@@ -150,10 +213,41 @@ def main() -> None:
                     help="transformer layers (repeatable; default 12)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per case (median reported)")
     ap.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temp dir)")
+    ap.add_argument("--moe", metavar="ExL",
+                    help="instead: stacked experts, E experts x L layers (e.g. 64x8), per-expert "
+                         "-> stacked with --stack against a naive load-stack-save")
     ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--generate-moe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.generate:
         generate(args.workdir, args.generate)
+        return
+    if args.generate_moe:
+        generate_moe(args.workdir, *map(int, args.generate_moe.split("x")))
+        return
+    if args.moe:
+        folder = args.workdir or Path(tempfile.mkdtemp(prefix="linconvert-bench-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            experts, layers = map(int, args.moe.split("x"))
+            res = measure_moe(folder, experts, layers, args.repeat)
+            size = (folder / f"moe-{experts}x{layers}.safetensors").stat().st_size / 1e6
+            print(f"\n## stacked experts: {experts} experts x {layers} layers, {size:.0f} MB "
+                  f"float32, {args.repeat} rounds (median (min-max))\n")
+            print(f"| {'case':42} | {'wall s':>19} | {'peak RSS MiB':>21} |")
+            print(f"|{'-' * 44}|{'-' * 21}|{'-' * 23}|")
+            for name, runs in res.items():
+                print(f"| {name:42} | {summarize([w for w, _ in runs]):>19} | "
+                      f"{summarize([r for _, r in runs]):>21} |")
+            med = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v))
+                   for k, v in res.items()}
+            naive, ours = med["naive: load_file, stack(w.t()), save_file"], \
+                med["linconvert to-param --stack, --no-verify"]
+            print(f"\n- wall / naive: {ours[0] / naive[0]:.2f}; peak RSS / naive: "
+                  f"{ours[1] / naive[1]:.2f}")
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(folder, ignore_errors=True)
         return
     layer_counts = args.layers or [12]
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="linconvert-bench-"))
