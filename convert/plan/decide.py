@@ -18,17 +18,17 @@ from ..provenance import Provenance
 from ..selection import (
     Pattern,
     ReferenceModel,
-    Role,
     Selection,
     bias_evidence,
-    bias_key,
     rename_options,
-    siblings,
     suggest_renames,
 )
-from .entries import Because, Drop, Entry, Piece, Plan
-
-Decision = tuple[bool | None, Because, str]  # transpose? (None: dropped), why, evidence
+from .entries import Because, Drop, Entry, Plan
+from .messages import Note
+from .messages import describe as _describe
+from .messages import quoted as _quoted
+from .messages import skipped_rules as _skipped_rules
+from .rules import Decision, units
 
 SpecLike = Any  # TensorSpec, or a (shape, dtype) pair in tests
 
@@ -42,16 +42,6 @@ def _normalize(specs: Mapping[str, SpecLike]) -> dict[str, tuple[tuple[int, ...]
             shape, dtype = s.shape, s.dtype
         out[k] = (tuple(shape), str(dtype))
     return out
-
-
-def _quoted(keys: Sequence[str], limit: int = 8) -> str:
-    keys = list(keys)
-    shown = ", ".join(f"'{k}'" for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _describe(shape: tuple[int, ...], dtype: str) -> str:
-    return f"{dtype} {'x'.join(map(str, shape)) or 'scalar'}"
 
 
 def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selection | None = None,
@@ -347,21 +337,6 @@ def _unused_patterns(patterns: Sequence[Pattern], used: set[Pattern], source: st
     return _skipped_rules([str(p) for p in unused], source)
 
 
-class Note(str):
-    """A message for `-v` only: a preset covers a family, and most of its rules miss any one
-    model, so its skipped rules are no warning."""
-
-
-def _skipped_rules(rules: list[str], source: str) -> list[str]:
-    """A preset's rules that match nothing here (a preset covers more than one model)."""
-    if not rules:
-        return []
-    if len(rules) == 1:
-        return [Note(f"{rules[0]} matches no key of '{source}'; skipped.")]
-    return [Note(f"{len(rules)} preset rules match no key of '{source}' and were skipped: "
-                 + ", ".join(rules) + ".")]
-
-
 def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, selection: Selection,
                         reference: ReferenceModel) -> tuple[bool | None, str] | None:
     """What the reference model says about KEY: (transpose?, why); None if it lacks the key."""
@@ -384,284 +359,6 @@ def _reference_decision(key: str, shape: tuple[int, ...], target: Layout, select
     return False, f"square weight owned by {entry.owner} ({entry.layout} layout)"
 
 
-def _units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Decision],
-           names: dict[str, str], selection: Selection, provenance: Provenance | None,
-           source: str, errors: list[str], warnings: list[str],
-           target: Layout = Layout.LINEAR) -> list[Entry]:
-    """The destination tensors before renames, in source order: one per kept key, except
-    where a stack rule (or provenance) makes one of several members, or several of one."""
-    kept = [k for k in flat if decisions[k][0] is not None]
-    made: dict[str, list[Entry]] = {}  # the first source key of a group -> what it makes
-    taken: set[str] = set()
-
-    def one(k: str, name: str, index: int | None = None) -> Entry:
-        shape, dtype = flat[k]
-        transpose, because, evidence = decisions[k]
-        out = shape if index is None else shape[1:]
-        return Entry(name, swapped(out) if transpose else out, dtype,
-                     (Piece(k, shape, bool(transpose), index),), because, evidence)
-
-    def stack(members: list[str], name: str, why: str) -> None:
-        shapes = {flat[m] for m in members}
-        flips = {bool(decisions[m][0]) for m in members}
-        if len(shapes) > 1 or len(flips) > 1:
-            errors.append(f"{why} would stack '{members[0]}' with members of another shape, "
-                          "dtype or decision" + (" (some transposed, some not)"
-                                                 if len(flips) > 1 else ""))
-            return
-        (shape, dtype), = shapes
-        first = one(members[0], name)
-        pieces = tuple(Piece(m, shape, bool(decisions[m][0])) for m in members)
-        made[members[0]] = [Entry(name, (len(members), *first.shape), dtype, pieces,
-                                  first.because, f"{first.evidence}; stacked by {why}")]
-        taken.update(members)
-
-    def unstack(k: str, names_of: list[str], why: str) -> None:
-        if len(flat[k][0]) < 2 or flat[k][0][0] != len(names_of):
-            errors.append(f"{why} would unstack '{k}', which is {_describe(*flat[k])}, not a "
-                          f"stack of {len(names_of)}")
-            return
-        made[k] = [one(k, n, i) for i, n in enumerate(names_of)]
-        taken.add(k)
-
-    if provenance is not None:  # the reverse of a stack is an unstack, and back
-        groups: dict[str, list[tuple[int, str]]] = {}
-        for k in kept:
-            pieces = provenance.pieces.get(k)
-            if not pieces or any(p[2] is not None for p in pieces):
-                continue  # a split or a merge: see _reverse_splits
-            if len(pieces) > 1:
-                unstack(k, [p[0] for p in pieces], "provenance")
-            elif pieces[0][1] is not None:
-                groups.setdefault(pieces[0][0], []).append((pieces[0][1], k))
-        for original, members in groups.items():
-            order = [k for _, k in sorted(members)]
-            stack(order, original, "provenance")
-    for rule in selection.stacks:
-        forward: dict[tuple[tuple[str, str], ...], dict[int, str]] = {}
-        backward = []
-        for k in kept:
-            if k in taken:
-                continue
-            hit = rule.member(k)
-            if hit is not None:
-                forward.setdefault(hit[0], {})[hit[1]] = k
-            elif rule.stack(k) is not None:
-                backward.append(k)
-        if not forward and not backward:
-            if rule.shipped:
-                warnings.extend(_skipped_rules([str(rule)], source))
-            else:
-                errors.append(f"{rule} matches no key of '{source}' (neither its members nor "
-                              "its stack)")
-            continue
-        for values, members in forward.items():
-            missing = [e for e in range(max(members) + 1) if e not in members]
-            if missing:
-                errors.append(f"{rule}: the stack '{rule.stack_name(values)}' lacks member "
-                              f"'{rule.member_name(values, missing[0])}' (members run 0 to "
-                              f"{max(members)}, all present)")
-                continue
-            stack([members[e] for e in range(len(members))], rule.stack_name(values), str(rule))
-        for k in backward:
-            values = rule.stack(k)
-            assert values is not None
-            n = flat[k][0][0] if flat[k][0] else 0
-            unstack(k, [rule.member_name(values, e) for e in range(n)], str(rule))
-    _split_units(flat, decisions, kept, target, selection, provenance, source, errors,
-                 warnings, made, taken)
-    units: list[Entry] = []
-    for k in kept:
-        if k in made:
-            units.extend(made[k])
-        elif k not in taken:
-            units.append(one(k, names.get(k, k)))
-    return units
-
-
-def _held(decision: Decision, target: Layout) -> Layout | None:
-    """The layout a weight is stored in, from its decision (None: nothing says)."""
-    transpose, because, _ = decision
-    if transpose:
-        return target.other
-    if because in (Because.BIAS_EVIDENCE, Because.REFERENCE_MODEL, Because.PROVENANCE):
-        return target
-    return None
-
-
-def _ranges(sizes: Sequence[int], k: int, heads: int) -> list[tuple[int, int]]:
-    """Where part K lies along the fused output dim: one range, or one per group of heads."""
-    if not heads:
-        start = sum(sizes[:k])
-        return [(start, start + sizes[k])]
-    group = sum(sizes) // heads
-    offset = sum(sizes[:k]) // heads
-    return [(g * group + offset, g * group + offset + sizes[k] // heads) for g in range(heads)]
-
-
-def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
-                 decisions: dict[str, Decision], kept: list[str], target: Layout,
-                 selection: Selection, provenance: Provenance | None, source: str,
-                 errors: list[str], warnings: list[str], made: dict[str, list[Entry]],
-                 taken: set[str]) -> None:
-    """Split rules: a fused tensor into its parts (and its bias into theirs), or the parts
-    back into one; the reverse of either from provenance."""
-    shapes = {k: s for k, (s, _) in flat.items()}
-
-    def axis_of(k: str, why: str) -> int | None:
-        if len(flat[k][0]) == 1:
-            return -1  # a bias: its only dim
-        held = _held(decisions[k], target)
-        if held is None:
-            errors.append(f"{why}: nothing says which layout '{k}' is stored in, so not along "
-                          "which dim to split it; decide it with --layers or --model")
-            return None
-        return -2 if held is Layout.LINEAR else -1
-
-    def entry(name: str, pieces: list[Piece], dtype: str, k: str, note: str) -> Entry:
-        transpose, because, evidence = decisions[k]
-        axis = pieces[0].axis
-        first = pieces[0].shape
-        out = list(first)
-        out[axis] = sum(p.rows[1] - p.rows[0] for p in pieces)
-        shape = tuple(out)
-        return Entry(name, swapped(shape) if transpose else shape, dtype, tuple(pieces), because,
-                     f"{evidence}; {note}" if evidence else note)
-
-    def split(k: str, part_names: list[str], sizes: Sequence[int], heads: int, why: str) -> bool:
-        shape, dtype = flat[k]
-        axis = axis_of(k, why)
-        if axis is None:
-            return False
-        total = shape[axis]
-        if DTYPES.get(dtype) is None or DTYPES[dtype].bits % 8:
-            errors.append(f"{why}: '{k}' is {dtype}, whose elements are not whole bytes")
-            return False
-        sizes = list(sizes) or ([total // len(part_names)] * len(part_names)
-                                if total % len(part_names) == 0 else [])
-        if sum(sizes) != total or (heads and any(n % heads for n in sizes)):
-            errors.append(f"{why}: the parts of '{k}' ({total} along its output dim) "
-                          + ("cannot be equal" if not sizes else
-                             f"have sizes {sizes}, which " + ("do not add up to it"
-                                                            if sum(sizes) != total else
-                                                            f"{heads} heads do not divide")))
-            return False
-        t = bool(decisions[k][0])
-        made[k] = [entry(n, [Piece(k, shape, t, None, r, axis) for r in _ranges(sizes, i, heads)],
-                         dtype, k, f"part {i + 1} of {len(part_names)} by {why}")
-                   for i, n in enumerate(part_names)]
-        taken.add(k)
-        return True
-
-    def merge(parts: list[str], name: str, heads: int, why: str) -> bool:
-        dtypes = {flat[p][1] for p in parts}
-        flips = {bool(decisions[p][0]) for p in parts}
-        axes = {axis_of(p, why) for p in parts}
-        if len(dtypes) > 1 or len(flips) > 1 or len(axes) != 1 or None in axes:
-            errors.append(f"{why}: the parts of '{name}' differ in dtype, layout or decision")
-            return False
-        (axis,) = axes
-        sizes = [flat[p][0][axis] for p in parts]
-        if heads and any(n % heads for n in sizes):
-            errors.append(f"{why}: {heads} heads do not divide the parts of '{name}' ({sizes})")
-            return False
-        groups = heads or 1
-        pieces = [Piece(p, flat[p][0], bool(decisions[p][0]), None,
-                        (g * n // groups, (g + 1) * n // groups), axis)
-                  for g in range(groups) for p, n in zip(parts, sizes)]
-        made[parts[0]] = [entry(name, pieces, flat[parts[0]][1], parts[0], f"merged by {why}")]
-        taken.update(parts)
-        return True
-
-    for rule in selection.splits:
-        fused = [k for k in kept if k not in taken and rule.fused_values(k) is not None]
-        groups: dict[tuple[tuple[str, str], ...], dict[int, str]] = {}
-        for k in kept:
-            hit = rule.part_values(k) if k not in taken else None
-            if hit is not None:
-                groups.setdefault(hit[0], {})[hit[1]] = k
-        if not fused and not groups:
-            if rule.shipped:
-                warnings.extend(_skipped_rules([str(rule)], source))
-            else:
-                errors.append(f"{rule} matches no key of '{source}' (neither the fused tensor "
-                              "nor its parts)")
-            continue
-        for k in fused:
-            values = rule.fused_values(k)
-            assert values is not None
-            names = [rule.part_name(values, i) for i in range(len(rule.parts))]
-            if split(k, names, rule.sizes, rule.heads, str(rule)):
-                bias = bias_key(k, shapes)
-                part_biases = [next(iter(siblings(n, Role.BIAS)), None) for n in names]
-                if bias is not None and bias in kept and bias not in taken:
-                    if None in part_biases:
-                        errors.append(f"{rule}: '{k}' has the bias '{bias}', and its parts "
-                                      "have no bias names to split it into")
-                    else:
-                        split(bias, [b for b in part_biases if b], rule.sizes, rule.heads,
-                              str(rule))
-        for values, parts in groups.items():
-            if len(parts) != len(rule.parts):
-                lack = next(i for i in range(len(rule.parts)) if i not in parts)
-                errors.append(f"{rule}: '{rule.part_name(values, lack)}' is missing, so its "
-                              f"parts cannot be merged into '{rule.fused_name(values)}'")
-                continue
-            order = [parts[i] for i in range(len(rule.parts))]
-            if merge(order, rule.fused_name(values), rule.heads, str(rule)):
-                biases = [bias_key(p, shapes) for p in order]
-                fused_bias = next(iter(siblings(rule.fused_name(values), Role.BIAS)), None)
-                if all(b is not None and b in kept and b not in taken for b in biases) and \
-                        fused_bias is not None:
-                    merge([b for b in biases if b], fused_bias, rule.heads, str(rule))
-    if provenance is not None:
-        _reverse_splits(flat, decisions, kept, provenance, made, taken, entry)
-
-
-def _reverse_splits(flat: dict[str, tuple[tuple[int, ...], str]],
-                    decisions: dict[str, Decision], kept: list[str], provenance: Provenance,
-                    made: dict[str, list[Entry]], taken: set[str], entry: Any) -> None:
-    """From provenance: the parts a split wrote merge back, a merged tensor splits back (the
-    output dim of a tensor that was transposed is the other one now)."""
-    parts_of: dict[str, list[tuple[int, str, int, int]]] = {}  # fused -> (start, part, a, b)
-    for k in kept:
-        pieces = provenance.pieces.get(k)
-        if not pieces or pieces[0][2] is None:
-            continue
-        t = bool(decisions[k][0])
-        sources = {p[0] for p in pieces}
-        if len(sources) == 1:  # k is a part of one fused tensor: merge back
-            cum = 0
-            for src_key, _, rows, _axis in pieces:
-                n = rows[1] - rows[0]
-                parts_of.setdefault(src_key, []).append((rows[0], k, cum, cum + n))
-                cum += n
-        else:  # k was merged from parts: split back
-            axis = pieces[0][3]
-            here = axis if not t or len(flat[k][0]) < 2 else (-1 if axis == -2 else -2)
-            cum = 0
-            per_part: dict[str, list[Piece]] = {}
-            for src_key, _, rows, _axis in pieces:
-                n = rows[1] - rows[0]
-                per_part.setdefault(src_key, []).append(
-                    Piece(k, flat[k][0], t, None, (cum, cum + n), here))
-                cum += n
-            made[k] = [entry(name, ps, flat[k][1], k, "provenance") for name, ps in
-                       per_part.items()]
-            taken.add(k)
-    for fused, spans in parts_of.items():
-        spans.sort()
-        first = spans[0][1]
-        t = bool(decisions[first][0])
-        axis = provenance.pieces[first][0][3]
-        pieces = []
-        for _, part, a, b in spans:
-            here = axis if not t or len(flat[part][0]) < 2 else (-1 if axis == -2 else -2)
-            pieces.append(Piece(part, flat[part][0], t, None, (a, b), here))
-        made[first] = [entry(fused, pieces, flat[first][1], first, "provenance")]
-        taken.update(p for _, p, _, _ in spans)
-
-
 def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Decision],
             names: dict[str, str], selection: Selection, reference: ReferenceModel | None,
             tied: Sequence[Sequence[str]], source: str,
@@ -679,7 +376,7 @@ def _finish(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, D
         transpose, because, evidence = decisions[k]
         if transpose is None:
             drops.append(Drop(k, shape, dtype, because, evidence))
-    for unit in _units(flat, decisions, names, selection, provenance, source, errors,
+    for unit in units(flat, decisions, names, selection, provenance, source, errors,
                        warnings, target):
         t = unit.key
         for i, r in enumerate(selection.renames):
