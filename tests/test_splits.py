@@ -169,3 +169,36 @@ def test_the_gpt2_qkv_preset_splits_and_merges(tmp_path):
     convert.to_param(tmp_path / "qkv.safetensors", tmp_path / "back.safetensors")
     back = load_file(tmp_path / "back.safetensors")
     assert all(torch.equal(back[k], v) for k, v in load_file(src).items())
+
+
+def test_gpt_neox_query_key_value_splits_per_head_as_transformers_reads_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=32, hidden_size=12, num_attention_heads=3,
+                                        num_hidden_layers=1, intermediate_size=16)
+    torch.manual_seed(1)
+    model = transformers.GPTNeoXModel(config).eval()
+    src = tmp_path / "neox.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    rules = tmp_path / "neox.toml"
+    rules.write_text(
+        "[[split]]\nfrom = 'layers.{l}.attention.query_key_value.weight'\n"
+        "to = ['layers.{l}.attention.q.weight', 'layers.{l}.attention.k.weight', "
+        "'layers.{l}.attention.v.weight']\nheads = 3\n")
+    report = convert.to_param(src, tmp_path / "p.safetensors", rules=rules,
+                              layers=["layers.*.attention.query_key_value.weight"],
+                              exclude=["layers.*.attention.dense.weight", "layers.*.mlp.*",
+                                       "embed_in.weight"])
+    assert report.verification is not None and report.verification.equivalent
+    out = load_file(tmp_path / "p.safetensors")
+    attn = model.layers[0].attention
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():  # what GPTNeoXAttention.forward does with query_key_value
+        qkv = attn.query_key_value(x).view(2, 5, -1, 3 * attn.head_size)
+        want_q, want_k, want_v = qkv.chunk(3, dim=-1)
+        for name, want in zip("qkv", (want_q, want_k, want_v)):
+            w, b = out[f"layers.0.attention.{name}.weight"], out[f"layers.0.attention.{name}.bias"]
+            got = (x @ w + b).view(2, 5, 3, attn.head_size)  # the param layout: x @ W + b
+            torch.testing.assert_close(got, want)
+    back = convert.to_linear(tmp_path / "p.safetensors", tmp_path / "back.safetensors")
+    assert back.verification is not None and back.verification.equivalent
+    model.load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)

@@ -336,3 +336,32 @@ def test_the_dry_run_names_each_member_once(tmp_path, runner):
     assert res.exit_code == 0, res.stderr
     stack_lines = [x for x in res.stdout.splitlines() if "layers.0.experts.w1 " in x]
     assert len(stack_lines) == 1 and "(+3 more)" in stack_lines[0]
+
+
+def test_qwen2_moe_experts_to_grouped_and_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=HID, intermediate_size=32,
+                                         moe_intermediate_size=INTER, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         num_experts=E, num_experts_per_tok=2,
+                                         shared_expert_intermediate_size=8)
+    torch.manual_seed(2)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    src = tmp_path / "qwen.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    report = convert.to_param(src, tmp_path / "g.safetensors",
+                              layers=["model.layers.*.mlp.experts.*_proj"],
+                              exclude=["model.layers.*.self_attn.*", "*.shared_expert*"])
+    assert report.verification is not None and report.verification.equivalent
+    assert len([r for r in report.verification.results if r.kind == "layer"]) == 2 * E
+    out = load_file(tmp_path / "g.safetensors")
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(3, HID)
+    for e in range(E):
+        gate, up = (x @ out["model.layers.0.mlp.experts.gate_up_proj"][e]).chunk(2, dim=-1)
+        got = (experts.act_fn(gate) * up) @ out["model.layers.0.mlp.experts.down_proj"][e]
+        gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        want = nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        torch.testing.assert_close(got, want)
+    convert.to_linear(tmp_path / "g.safetensors", tmp_path / "back.safetensors")
+    model.load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)
