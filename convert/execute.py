@@ -1,8 +1,9 @@
 """Runs a plan: each entry's pieces from a Source into a Sink, the one place tensors change.
 
 A transpose is byte work and needs no torch: it permutes whole-byte elements whatever the float
-dtype, so it runs in numpy on unsigned views of the element width, in 64 x 64 tiles (about 7x
-faster than one strided copy, 2.5x faster than torch's on this machine). Untouched tensors the
+dtype, so it runs in numpy on unsigned views of the element width, 16 source rows at a time
+(on a 1024 x 4096 float32 matrix here: 6.7 ms, against 13 ms in 64 x 64 tiles and 18 ms for
+one strided copy or torch's `.t().contiguous()`). Untouched tensors the
 Source can hand over as a file range go to the Sink as a copy, never decoded. The source's
 SHA-256 is computed on a second thread while streaming; the Sink patches it into provenance at
 the end. `.pt` output is built as a state dict (torch.save writes it), with its extras.
@@ -31,7 +32,7 @@ from .formats.torch_pt import TorchSource
 from .plan import Plan
 from .provenance import METADATA_KEY, SHA_PLACEHOLDER, Provenance
 
-TILE = 64
+STRIP = 16  # source rows per step: each writes one 64-byte line per output row (float32)
 COPY_CHUNK = 8 << 20
 _UINT = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
@@ -93,9 +94,8 @@ def transpose_bytes(src: Any, rows: int, cols: int, itemsize: int, out: bytearra
         return memoryview(out)[:0]
     a = np.frombuffer(src, dtype=np.uint8, count=n).view(_UINT[itemsize]).reshape(rows, cols)
     b = np.frombuffer(out, dtype=np.uint8, count=n).view(_UINT[itemsize]).reshape(cols, rows)
-    for i in range(0, rows, TILE):
-        for j in range(0, cols, TILE):
-            b[j:j + TILE, i:i + TILE] = a[i:i + TILE, j:j + TILE].T
+    for i in range(0, rows, STRIP):  # 1.5-2.5x faster here than 64 x 64 tiles, any width
+        b[:, i:i + STRIP] = a[i:i + STRIP, :].T
     return memoryview(out)[:n]
 
 
