@@ -274,28 +274,23 @@ def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False)
             raise UsageError(f"{origin}: '{name}' must be a list of strings.")
         return tuple(Pattern(v, f"{origin} {name}", shipped) for v in value)
 
-    renames = []
-    if not isinstance(data.get("rename", []), list):
-        raise UsageError(f"{origin}: 'rename' must be an array of tables ([[rename]] with from "
-                         "and to).")
-    for i, r in enumerate(data.get("rename", [])):
-        if not isinstance(r, dict) or set(r) != {"from", "to"} or not all(
-            isinstance(v, str) for v in r.values()
-        ):
-            raise UsageError(f"{origin}: [[rename]] entry {i + 1} must have string keys 'from' "
-                             "and 'to' and nothing else.")
-        renames.append(Rename(r["from"], r["to"], f"{origin} rename", shipped))
-    stacks = []
-    if not isinstance(data.get("stack", []), list):
-        raise UsageError(f"{origin}: 'stack' must be an array of tables ([[stack]] with from "
-                         "and to).")
-    for i, r in enumerate(data.get("stack", [])):
-        if not isinstance(r, dict) or set(r) != {"from", "to"} or not all(
-            isinstance(v, str) for v in r.values()
-        ):
-            raise UsageError(f"{origin}: [[stack]] entry {i + 1} must have string keys 'from' "
-                             "and 'to' and nothing else.")
-        stacks.append(StackRule(r["from"], r["to"], f"{origin} stack", shipped))
+    def from_to(name: str) -> list[tuple[str, str]]:
+        """The (from, to) string pairs of `[[NAME]]` tables."""
+        if not isinstance(data.get(name, []), list):
+            raise UsageError(f"{origin}: '{name}' must be an array of tables ([[{name}]] with "
+                             "from and to).")
+        pairs = []
+        for i, r in enumerate(data.get(name, [])):
+            if not isinstance(r, dict) or set(r) != {"from", "to"} or not all(
+                isinstance(v, str) for v in r.values()
+            ):
+                raise UsageError(f"{origin}: [[{name}]] entry {i + 1} must have string keys "
+                                 "'from' and 'to' and nothing else.")
+            pairs.append((r["from"], r["to"]))
+        return pairs
+
+    renames = [Rename(a, b, f"{origin} rename", shipped) for a, b in from_to("rename")]
+    stacks = [StackRule(a, b, f"{origin} stack", shipped) for a, b in from_to("stack")]
     splits = []
     if not isinstance(data.get("split", []), list):
         raise UsageError(f"{origin}: 'split' must be an array of tables ([[split]] with from, "
