@@ -365,3 +365,16 @@ def test_qwen2_moe_experts_to_grouped_and_back(tmp_path):
         torch.testing.assert_close(got, want)
     convert.to_linear(tmp_path / "g.safetensors", tmp_path / "back.safetensors")
     model.load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)
+
+
+def test_a_stack_alone_is_a_change_even_with_nothing_to_transpose(tmp_path):
+    """The Hub's per-expert nn.Linear weights into transformers 5's stacked [E, out, in] (both
+    linear layout): nothing transposes, the stack is the conversion."""
+    src, sd = _per_expert(tmp_path, layers=1)
+    report = convert.to_linear(src, tmp_path / "tf5.safetensors", stack=[W1, W2],
+                               layers=["layers.*.experts.*.weight"], exclude=["*"])
+    assert report.plan.transposed == ()
+    out = load_file(tmp_path / "tf5.safetensors")
+    want = torch.stack([sd[f"layers.0.experts.{e}.w1.weight"] for e in range(E)])
+    assert torch.equal(out["layers.0.experts.w1"], want)
+    assert report.verification is not None and report.verification.equivalent

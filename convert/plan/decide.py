@@ -91,7 +91,10 @@ def build_plan(specs: Mapping[str, SpecLike], target: Layout, selection: Selecti
                                             tied, source,
                                             provenance if from_provenance else None, target)
     warnings += more_warnings
-    if require_change and not any(e.transpose for e in entries) and not from_provenance:
+    restructured = any(len(e.pieces) > 1 or e.pieces[0].index is not None or e.pieces[0].rows
+                       for e in entries)  # a stack or a split changes the file by itself
+    if require_change and not restructured and not any(e.transpose for e in entries) and \
+            not from_provenance:
         raise UsageError(_nothing_to_transpose(decisions, target, source))
     return Plan(source, target, tuple(entries), tuple(drops), selection.options_hash(target),
                 tuple(flat), tuple(tuple(g) for g in tied if len(g) > 1),
