@@ -61,12 +61,6 @@ def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
     return (bits + 7) // 8
 
 
-def is_float_matrix(dtype: str, shape: tuple[int, ...]) -> bool:
-    """True for a 2-D tensor of a float dtype that linconvert may transpose."""
-    d = DTYPES.get(dtype)
-    return len(shape) == 2 and d is not None and d.is_float
-
-
 def is_float_weight(dtype: str, shape: tuple[int, ...]) -> bool:
     """True for a float tensor of 2 or more dims: a matrix, or a stack of them (every leading
     dim a stack dim, as stacked experts), whose last two dims linconvert may swap."""

@@ -33,7 +33,6 @@ from .plan import Plan
 from .provenance import METADATA_KEY, SHA_PLACEHOLDER, Provenance
 
 STRIP = 16  # source rows per step: each writes one 64-byte line per output row (float32)
-COPY_CHUNK = 8 << 20
 _UINT = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
 
@@ -53,7 +52,7 @@ class ExecutionResult:
 def sha256_files(files: tuple[Path, ...]) -> str:
     """SHA-256 of FILES' bytes, concatenated in order (what provenance records)."""
     h = hashlib.sha256()
-    buf = bytearray(COPY_CHUNK)
+    buf = bytearray(st.COPY_CHUNK)
     view = memoryview(buf)
     for path in files:
         with open(path, "rb", buffering=0) as f:
@@ -245,8 +244,7 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit
     def metadata_for(prov: Provenance) -> Callable[[list[str]], dict[str, str]]:
         return lambda keys: {**base, METADATA_KEY: prov.to_json(keys)}
 
-    hasher = _Hasher(ckpt.files)
-    hasher.start()
+    hasher = hash_sources(ckpt)
     total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries)
     with st.SafetensorsSink(files, out.index, metadata_for(provenance_for(plan, ckpt)),
                             overwrite=out.overwrite) as sink:
@@ -279,8 +277,7 @@ def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None) 
     output = plan.output
     assert output is not None
 
-    hasher = _Hasher(ckpt.files)
-    hasher.start()
+    hasher = hash_sources(ckpt)
     warnings: list[str] = []
     new_sd = _convert_state_dict(plan, ckpt.tensor, ckpt)
     is_torch = isinstance(ckpt, TorchSource)

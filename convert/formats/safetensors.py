@@ -492,9 +492,6 @@ class SafetensorsSource(Source):
             os.close(fd)
         self._fds = []
 
-    def record(self, key: str) -> TensorRecord:
-        return self._records[key][1]
-
     def raw_range(self, key: str) -> tuple[int, int]:
         i, rec = self._records[key]
         return self._fds[i], rec.begin

@@ -519,9 +519,6 @@ class TorchSource(Source):
                         for k in root if k != kp[0]]
         return out
 
-    def raw_tensor(self, key: str) -> Any:
-        return self._tensors[key]
-
     def read_bytes(self, key: str, scratch: bytearray) -> Any:
         import numpy as np
         import torch

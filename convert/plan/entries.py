@@ -271,10 +271,6 @@ class Plan:
         """What the rows hold, in their order."""
         return tuple(item for _, item in self.rows)
 
-    def entry(self, key: str) -> Entry:
-        """The entry that writes destination KEY."""
-        return next(e for e in self.entries if e.key == key)
-
     def to_dict(self) -> dict[str, Any]:
         actions = []
         for k, a in self.rows:

@@ -296,14 +296,15 @@ def _onnx_files(plan: Plan, source: SourceFacts, output: Output, whole_model: bo
                 f"the ONNX layer graph holds the converted linear layers only; {shown}{more} "
                 "have no node to run and are not in it (write safetensors for the checkpoint, "
                 "or pass --model and --input-shape to export the whole model).")
+    held_keys = set(keys)
     for e in plan.entries:
-        if e.key in keys:
+        if e.key in held_keys:
             elem_type(e.dtype, e.key)
     if source.non_tensors:
         notes.append(f"ONNX holds tensors only: the non-tensor entries "
                      f"{', '.join(map(repr, source.non_tensors[:5]))} of '{source.path}' are "
                      "not in it.")
-    held_entries = [e for e in plan.entries if e.key in keys]
+    held_entries = [e for e in plan.entries if e.key in held_keys]
     total = _total(held_entries)
     external = external_data or total > EXTERNAL_THRESHOLD
     files = []
