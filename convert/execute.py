@@ -179,6 +179,18 @@ def _joined(e: Any, ckpt: Checkpoint) -> memoryview:
     itemsize = DTYPES[e.dtype].itemsize
     blocks = []
     for p in e.pieces:
+        shape = p.shape if p.index is None else p.shape[1:]
+        start = 0 if p.index is None else p.index * nbytes_of(e.dtype, shape)
+        if len(shape) <= 2 and (p.axis == -2 or len(shape) == 1):
+            # rows of a matrix (a linear-layout source) or a range of a vector lie together:
+            # read just them
+            row = nbytes_of(e.dtype, shape[1:]) if len(shape) == 2 else itemsize
+            length = (p.rows[1] - p.rows[0]) * row
+            raw = ckpt.read_part(p.source, start + p.rows[0] * row, length, bytearray(length))
+            part = (p.rows[1] - p.rows[0], *shape[1:])
+            blocks.append(np.frombuffer(raw, dtype=np.uint8, count=length)
+                          .view(_UINT[itemsize]).reshape(part))
+            continue
         raw = ckpt.read_bytes(p.source, bytearray(nbytes_of(e.dtype, p.shape)))
         arr = np.frombuffer(raw, dtype=np.uint8).view(_UINT[itemsize]).reshape(p.shape)
         if p.index is not None:

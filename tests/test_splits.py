@@ -202,3 +202,17 @@ def test_gpt_neox_query_key_value_splits_per_head_as_transformers_reads_it(tmp_p
     back = convert.to_linear(tmp_path / "p.safetensors", tmp_path / "back.safetensors")
     assert back.verification is not None and back.verification.equivalent
     model.load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_split_reads_its_rows_from_either_source_format(tmp_path, suffix):
+    src, qkv, bias = _neox(tmp_path)
+    if suffix == ".pt":
+        torch.save(load_file(src), tmp_path / "neox.pt")
+        src = tmp_path / "neox.pt"
+    # the same layout on both sides: the rows of a linear-layout weight, read where they lie
+    convert.to_linear(src, tmp_path / "o.safetensors", split=[NEOX[1:]])
+    out = load_file(tmp_path / "o.safetensors")
+    for i, name in enumerate("qkv"):
+        assert torch.equal(out[f"l.0.attention.{name}.weight"], qkv[i * 6:(i + 1) * 6])
+        assert torch.equal(out[f"l.0.attention.{name}.bias"], bias[i * 6:(i + 1) * 6])
