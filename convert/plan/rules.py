@@ -84,11 +84,7 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
             elif rule.stack(k) is not None:
                 backward.append(k)
         if not forward and not backward:
-            if rule.shipped:
-                warnings.extend(_skipped_rules([str(rule)], source))
-            else:
-                errors.append(f"{rule} matches no key of '{source}' (neither its members nor "
-                              "its stack)")
+            _unmatched(rule, "its members nor its stack", source, errors, warnings)
             continue
         for values, members in forward.items():
             missing = [e for e in range(max(members) + 1) if e not in members]
@@ -112,6 +108,15 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
         elif k not in taken:
             units.append(one(k, names.get(k, k)))
     return units
+
+
+def _unmatched(rule: Any, what: str, source: str, errors: list[str],
+               warnings: list[str]) -> None:
+    """A rule that matches no key: the user's is exit 2; a preset's is skipped (said under -v)."""
+    if rule.shipped:
+        warnings.extend(_skipped_rules([str(rule)], source))
+    else:
+        errors.append(f"{rule} matches no key of '{source}' (neither {what})")
 
 
 def _held(decision: Decision, target: Layout) -> Layout | None:
@@ -216,11 +221,7 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
             if hit is not None:
                 groups.setdefault(hit[0], {})[hit[1]] = k
         if not fused and not groups:
-            if rule.shipped:
-                warnings.extend(_skipped_rules([str(rule)], source))
-            else:
-                errors.append(f"{rule} matches no key of '{source}' (neither the fused tensor "
-                              "nor its parts)")
+            _unmatched(rule, "the fused tensor nor its parts", source, errors, warnings)
             continue
         for k in fused:
             values = rule.fused_values(k)

@@ -207,6 +207,17 @@ def summarize(values: list[float]) -> str:
     return f"{statistics.median(values):7.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def print_table(res: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """Print each case's wall and peak RSS (median (min-max)); return the medians."""
+    print(f"| {'case':42} | {'wall s':>19} | {'peak RSS MiB':>21} |")
+    print(f"|{'-' * 44}|{'-' * 21}|{'-' * 23}|")
+    for name, runs in res.items():
+        print(f"| {name:42} | {summarize([w for w, _ in runs]):>19} | "
+              f"{summarize([r for _, r in runs]):>21} |")
+    return {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v))
+            for k, v in res.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, action="append",
@@ -234,13 +245,7 @@ def main() -> None:
             size = (folder / f"moe-{experts}x{layers}.safetensors").stat().st_size / 1e6
             print(f"\n## stacked experts: {experts} experts x {layers} layers, {size:.0f} MB "
                   f"float32, {args.repeat} rounds (median (min-max))\n")
-            print(f"| {'case':42} | {'wall s':>19} | {'peak RSS MiB':>21} |")
-            print(f"|{'-' * 44}|{'-' * 21}|{'-' * 23}|")
-            for name, runs in res.items():
-                print(f"| {name:42} | {summarize([w for w, _ in runs]):>19} | "
-                      f"{summarize([r for _, r in runs]):>21} |")
-            med = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v))
-                   for k, v in res.items()}
+            med = print_table(res)
             naive, ours = med["naive: load_file, stack(w.t()), save_file"], \
                 med["linconvert to-param --stack, --no-verify"]
             print(f"\n- wall / naive: {ours[0] / naive[0]:.2f}; peak RSS / naive: "
@@ -259,13 +264,7 @@ def main() -> None:
             size = (folder / f"gpt2like-{layers}.safetensors").stat().st_size / 1e6
             print(f"\n## {layers} layers, {size:.0f} MB float32, {args.repeat} rounds "
                   f"(median (min-max))\n")
-            print(f"| {'case':42} | {'wall s':>19} | {'peak RSS MiB':>21} |")
-            print(f"|{'-' * 44}|{'-' * 21}|{'-' * 23}|")
-            for name, runs in res.items():
-                print(f"| {name:42} | {summarize([w for w, _ in runs]):>19} | "
-                      f"{summarize([r for _, r in runs]):>21} |")
-            med = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v))
-                   for k, v in res.items()}
+            med = print_table(res)
             n_st, l_st = med["naive safetensors (load_file/save_file)"], \
                 med["linconvert st->st --no-verify"]
             n_pt, l_pt = med["naive .pt (torch.load/torch.save)"], \
