@@ -48,7 +48,7 @@ class Follows(Enum):
 
 # For each way a layer names its weight: the weight's name within the layer, and its siblings'.
 _SCALES = ("weight_scale", "weight_scale_inv", "weight_zero_point", "weight_global_scale",
-           "input_scale", "input_zero_point", "input_global_scale")
+           "input_scale", "input_zero_point", "input_global_scale", "activation_scale")
 LAYER_FORMS: Mapping[str, tuple[tuple[str, Role], ...]] = MappingProxyType({
     "weight": (("bias", Role.BIAS), *((n, Role.SCALE) for n in _SCALES)),
     "weight_orig": (("bias", Role.BIAS), ("weight_mask", Role.SAME_SHAPE)),  # prune
