@@ -92,6 +92,14 @@ def bias_key(key: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     return next((b for b in siblings(key, Role.BIAS) if len(shapes.get(b, ())) == dims), None)
 
 
+def quantized_weight(key: str, dtype: str, shape: tuple[int, ...],
+                     shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """An int8 / uint8 matrix with a quantization scale beside it: a quantized linear weight,
+    moved as bytes like a float one."""
+    return (dtype in ("I8", "U8") and len(shape) >= 2
+            and any(c in shapes for c in siblings(key, Role.SCALE)))
+
+
 @dataclass(frozen=True)
 class CompanionRule:
     """`[[companion]]` in a rules file: keys matching KEY are companions of ROLE of the weight

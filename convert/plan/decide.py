@@ -18,6 +18,7 @@ from ..companions import (
     Role,
     classify,
     companion_map,
+    quantized_weight,
     siblings,
     strangers,
 )
@@ -243,7 +244,7 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
         if k in comps:  # it follows its weight: decided below, once the weights are
             chosen[k] = layer, excl
             continue
-        if not is_float_weight(dtype, shape) and not _quantized(k, dtype, shape, shapes):
+        if not is_float_weight(dtype, shape) and not quantized_weight(k, dtype, shape, shapes):
             if layer and not excl:
                 what = (f"'{k}' is {_describe(shape, dtype)}, not a 2-D float tensor (or a "
                         "stack of them), so it cannot be transposed")
@@ -336,14 +337,6 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
                         f"sibling); left as they are; select them with --layers if they are"
                         f"{hint}.")
     return decisions, warnings
-
-
-def _quantized(key: str, dtype: str, shape: tuple[int, ...],
-               shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    """An int8 / uint8 matrix with a quantization scale beside it: a quantized linear weight,
-    moved as bytes like a float one."""
-    return (dtype in ("I8", "U8") and len(shape) >= 2
-            and any(c in shapes for c in siblings(key, Role.SCALE)))
 
 
 def _follow(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Decision],
