@@ -185,7 +185,7 @@ def test_weight_norm_with_torch_utilities(tmp_path, runner, kind):
         if kind == "legacy":
             with pytest.warns(FutureWarning):
                 nn.utils.weight_norm(model[i], dim=0)
-            nn.utils.weight_norm(twin[i], dim=1)
+                nn.utils.weight_norm(twin[i], dim=1)
         else:
             parametrizations.weight_norm(model[i], dim=0)
             parametrizations.weight_norm(twin[i], dim=1)
@@ -345,3 +345,21 @@ def test_stacked_fp8_experts_grids_follow_per_expert(tmp_path, runner):
         torch.testing.assert_close(
             _dequant(out["experts.weight"][e], out["experts.weight_scale_inv"][e], True),
             _dequant(sd["experts.weight"][e], sd["experts.weight_scale_inv"][e], False).T)
+
+
+def test_without_provenance_a_grid_left_as_it_was_fails_naming_it(tmp_path, runner):
+    """A naive converter's output (no provenance): the weight transposed, its grid not."""
+    src = tmp_path / "fp8.safetensors"
+    orig = _fp8_checkpoint(src, [(256, 384)])
+    good = {k: (v.T.contiguous() if k.endswith(("weight", "weight_scale_inv")) else v)
+            for k, v in orig.items()}
+    save_file(good, str(tmp_path / "good.safetensors"))
+    res = runner("verify", src, tmp_path / "good.safetensors")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    assert "names and transposed shapes" in res.stdout
+    grid = "layers.0.proj.weight_scale_inv"
+    save_file({**good, grid: orig[grid]}, str(tmp_path / "naive.safetensors"))
+    res = runner("verify", src, tmp_path / "naive.safetensors")
+    assert res.exit_code == 1, res.stdout + res.stderr
+    assert any(line.startswith("FAIL") and grid in line and "is not the transpose" in line
+               for line in res.stdout.splitlines()), res.stdout
