@@ -218,15 +218,16 @@ def _tamper(path, key, value):
     save_file(sd, str(path), metadata=meta)
 
 
-def test_planted_fault_scale_left_as_it_was_fails_naming_the_scale(tmp_path, runner):
+@pytest.mark.parametrize("d", [256, 640], ids=["whole-layer", "sampled-outputs"])
+def test_planted_fault_scale_left_as_it_was_fails_naming_the_scale(tmp_path, runner, d):
     src = tmp_path / "fp8.safetensors"
-    orig = _fp8_checkpoint(src, [(256, 256)])
+    orig = _fp8_checkpoint(src, [(d, d)])
     dst = tmp_path / "p.safetensors"
     res = runner("to-param", src, "-o", dst, "--layers", "*.proj.weight")
     assert res.exit_code == 0, res.stderr
     assert runner("verify", src, dst).exit_code == 0
     grid = "layers.0.proj.weight_scale_inv"
-    _tamper(dst, grid, orig[grid].clone())  # the weight transposed, its 2x2 grid not
+    _tamper(dst, grid, orig[grid].clone())  # the weight transposed, its square grid not
     assert not torch.equal(orig[grid], orig[grid].T)
     res = runner("verify", src, dst)
     assert res.exit_code == 1, res.stdout + res.stderr

@@ -241,12 +241,18 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     whole_src, whole_dst = loaded or (src.tensor(pair.source), dst.tensor(pair.target))
     w_src, w_dst = whole_src[s_at], whole_dst[d_at]
     res.bit_exact = _transposed_bits_equal(w_src, w_dst)
+    outputs = None
     if companions:  # a quantized, pruned or weight-normed layer: run what it computes with
+        n_out = w_src.shape[-1] if src_param else w_src.shape[-2]
+        if n_out > SAMPLED_OUTPUTS:  # the bytes are proven above; the layer on a sample of
+            gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))  # outputs
+            outputs = torch.randperm(n_out, generator=gen)[:SAMPLED_OUTPUTS].sort().values
         try:
             w_src = effective_weight(w_src, [(c, role, _row(src.tensor(c), s_at))
-                                             for c, _, role in companions], src_param)
+                                             for c, _, role in companions], src_param, outputs)
             w_dst = effective_weight(w_dst, [(t, role, _row(dst.tensor(t), d_at))
-                                             for _, t, role in companions], not src_param)
+                                             for _, t, role in companions], not src_param,
+                                     outputs)
         except CompanionError as e:
             res.passed, res.message = False, str(e)
             return res
@@ -262,6 +268,9 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
             t = t[hit[1]]
         # a bias still stacked beside an unstacked weight takes the source's index
         b_dst = _row(t, d_at if len(d_at) >= t.ndim - 1 else s_at)
+    if outputs is not None:
+        b_src = b_src[outputs] if b_src is not None and b_src.ndim == 1 else b_src
+        b_dst = b_dst[outputs] if b_dst is not None and b_dst.ndim == 1 else b_dst
     w_param, b_param, w_lin, b_lin = ((w_src, b_src, w_dst, b_dst) if src_param
                                       else (w_dst, b_dst, w_src, b_src))
     compute = _COMPUTE_DTYPE.get(s_spec.dtype, "F32")
@@ -311,9 +320,14 @@ _ACTIVATION = ("input_scale", "input_zero_point", "input_global_scale", "weight_
                "activation_scale")
 
 
-def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param: bool) -> Any:
+SAMPLED_OUTPUTS = 256  # a quantized layer runs on this many of its output channels, at most
+
+
+def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param: bool,
+                     outputs: Any = None) -> Any:
     """The float32 matrix a layer computes with: W (minus its zero point) times its expanded
     scale, times its mask, or weight norm's g * v / ||v||. PARAM: W is in x out (else out x in).
+    OUTPUTS: only these output channels (columns of a param W, rows of a linear one).
     Activation scales do not change the weight and are checked bit for bit only.
 
     Raises:
@@ -321,8 +335,15 @@ def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param:
     """
     import torch
 
-    out = w.to(torch.float32)
-    rows, cols = out.shape
+    rows, cols = w.shape
+    axis = 1 if param else 0  # the output dim
+
+    def pick(t: Any, block: int = 1) -> Any:  # T's slices for OUTPUTS along the output dim
+        if outputs is None or t.shape[axis] == 1:
+            return t
+        return t.index_select(axis, outputs // block if block > 1 else outputs)
+
+    out = pick(w).to(torch.float32)
     for key, role, c in companions:
         leaf = key.rpartition(".")[2]
         if role is Role.BIAS or leaf in _ACTIVATION:
@@ -330,15 +351,23 @@ def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param:
         comp = classify(key, "its weight", role, tuple(c.shape), (rows, cols))
         c = c.to(torch.float32)
         if comp.block is not None:  # a grid (or [out, 1]): one value per block
-            c = c.repeat_interleave(comp.block[0], 0)[:rows].repeat_interleave(comp.block[1], 1)
-            c = c[:, :cols]
+            c = pick(c, comp.block[axis])
+            for d in (0, 1):  # expanded where it does not already fit (or broadcast)
+                if c.shape[d] not in (1, out.shape[d]):
+                    c = c.repeat_interleave(comp.block[d], d).narrow(d, 0, out.shape[d])
         elif c.ndim == 1 and c.numel() > 1:  # per channel: along the output dim if it fits
             by_out = c.numel() == (cols if param else rows)
-            c = c[None, :] if by_out == param else c[:, None]
+            c = pick(c[None, :] if param else c[:, None]) if by_out else (
+                c[:, None] if param else c[None, :])
+        elif c.ndim == 2:
+            c = pick(c)
         if leaf.endswith("zero_point"):
             out = out - c
         elif leaf in ("weight_g", "original0"):  # weight norm: g * v / ||v||
             dims = [d for d in range(2) if c.shape[d] == 1] if c.ndim == 2 else [0, 1]
+            if outputs is not None and axis in dims:
+                raise CompanionError(f"'{key}' normalizes across output channels, so its layer "
+                                     "cannot be checked on a sample of them")
             out = c * out / out.norm(dim=dims, keepdim=True)
         else:
             out = out * c
