@@ -20,6 +20,7 @@ from .dtypes import dtype_from_torch
 from .errors import NotEquivalentError, UsageError
 from .layout import Layout
 from .selection import Pattern
+from .verify.report import CheckResult
 
 
 @dataclass(frozen=True)
@@ -34,22 +35,21 @@ class SwappedModule:
     dtype: str
     device: str
     also_named: tuple[str, ...] = ()  # other names of the same module object
-    verified: bool = False
-    passed: bool = True
-    max_abs_err: float | None = None
-    rel_err: float | None = None
-    atol_needed: float | None = None
-    bit_exact: bool | None = None
-    message: str = ""
+    check: CheckResult | None = None  # the forward-pass check; None with verify=False
+
+    @property
+    def passed(self) -> bool:
+        return self.check is None or self.check.passed
+
+    @property
+    def message(self) -> str:
+        return self.check.message if self.check is not None else ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "old_class": self.old_class, "new_class": self.new_class,
                 "old_shape": list(self.old_shape), "new_shape": list(self.new_shape),
                 "dtype": self.dtype, "device": self.device, "also_named": list(self.also_named),
-                "verified": self.verified, "passed": self.passed,
-                "max_abs_err": self.max_abs_err, "rel_err": self.rel_err,
-                "atol_needed": self.atol_needed, "bit_exact": self.bit_exact,
-                "message": self.message}
+                "check": self.check.to_dict() if self.check is not None else None}
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,12 @@ class SwapReport:
     rtol: float | None = None
 
     @property
-    def equivalent(self) -> bool:
-        return all(m.passed for m in self.modules)
-
-    @property
     def failures(self) -> list[SwappedModule]:
         return [m for m in self.modules if not m.passed]
+
+    @property
+    def equivalent(self) -> bool:
+        return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
         return {"layout": self.layout.value, "applied": self.applied,
@@ -141,11 +141,12 @@ def swap_modules(model: Any, to: Layout | str, *, modules: Sequence[type] = (),
     report = SwapReport(layout, tuple(records), all(r.passed for r in records), verify,
                         seed, batch_size, atol, rtol)
     if report.failures:
-        shown = ", ".join(f"'{r.name}' ({r.message})" for r in report.failures[:5])
-        more = f" and {len(report.failures) - 5} more" if len(report.failures) > 5 else ""
-        raise NotEquivalentError(f"swap_modules: the new {_target_name(layout)} of {shown}{more} "
-                                 "does not compute what the module it replaces does; the model "
-                                 "was not changed.", report)
+        from .verify.report import describe_failures
+
+        raise NotEquivalentError(f"swap_modules: the new {_target_name(layout)} of "
+                                 f"{describe_failures(report.failures)} does not compute what "
+                                 "the module it replaces does; the model was not changed.",
+                                 report)
     for c in candidates:
         for name in c.names:
             parent, _, attr = name.rpartition(".")
@@ -312,11 +313,11 @@ def _replacement(module: Any, layout: Layout, new_weights: dict[int, Any]) -> An
     return new
 
 
-def _record(c: _Candidate, **verification: Any) -> SwappedModule:
+def _record(c: _Candidate, check: CheckResult | None = None) -> SwappedModule:
     old, new = c.module.weight, c.new.weight
     return SwappedModule(c.names[0], _class_name(c.module), _class_name(c.new),
                          tuple(old.shape), tuple(new.shape), dtype_from_torch(old.dtype),
-                         str(old.device), tuple(c.names[1:]), **verification)
+                         str(old.device), tuple(c.names[1:]), check)
 
 
 def _verify(c: _Candidate, seed: int, batch_size: int, atol: float | None,
@@ -342,7 +343,9 @@ def _verify(c: _Candidate, seed: int, batch_size: int, atol: float | None,
     compute = _COMPUTE_DTYPE.get(dtype_from_torch(old_w.dtype), "F32")
     dtype = torch_dtype(compute)
     in_f = new_w.shape[1] if isinstance(c.new, torch.nn.Linear) else new_w.shape[0]
-    bit_exact = _transposed_bits_equal(old_w.detach(), new_w.detach())
+    check = CheckResult(c.names[0], _class_name(c.module), "layer", False, compute,
+                        tuple(new_w.shape),
+                        bit_exact=_transposed_bits_equal(old_w.detach(), new_w.detach()))
     gen = torch.Generator().manual_seed(seed + zlib.crc32(c.names[0].encode()))
     x = torch.randn(batch_size, in_f, generator=gen, dtype=torch.float64).to(old_w.device, dtype)
 
@@ -356,15 +359,16 @@ def _verify(c: _Candidate, seed: int, batch_size: int, atol: float | None,
             expected, actual = run(c.module), run(c.new)
     except (RuntimeError, TypeError, ValueError) as e:  # not a layer of an [N, in] batch
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return _record(c, verified=True, passed=False, bit_exact=bit_exact,
-                       message=f"its forward on a {batch_size}x{in_f} batch raised: {first}")
+        check.message = f"its forward on a {batch_size}x{in_f} batch raised: {first}"
+        return _record(c, check)
     if not isinstance(expected, torch.Tensor):
-        return _record(c, verified=True, passed=False, bit_exact=bit_exact,
-                       message=f"its forward returned a {type(expected).__name__}, not a tensor")
+        check.message = f"its forward returned a {type(expected).__name__}, not a tensor"
+        return _record(c, check)
     r_tol, a_tol = tolerance_for(compute, atol, rtol)
-    passed, max_abs, rel, needed, msg = compare_outputs(actual, expected, in_f, r_tol, a_tol)
-    if not bit_exact:
-        passed, msg = False, ("weight is not the bit-exact transpose of the old one"
-                              + (f"; {msg}" if msg else ""))
-    return _record(c, verified=True, passed=passed, max_abs_err=max_abs, rel_err=rel,
-                   atol_needed=needed, bit_exact=bit_exact, message=msg)
+    check.passed, check.max_abs_err, check.rel_err, check.atol_needed, check.message = \
+        compare_outputs(actual, expected, in_f, r_tol, a_tol)
+    if not check.bit_exact:
+        check.passed = False
+        check.message = "weight is not the bit-exact transpose of the old one" + (
+            f"; {check.message}" if check.message else "")
+    return _record(c, check)

@@ -71,7 +71,8 @@ def test_gpt2_swaps_to_linear_keeps_logits_and_ties_then_quantizes():
     assert (first.name, first.old_class, first.new_class) == (
         "transformer.h.0.attn.c_attn", "transformers.pytorch_utils.Conv1D", "nn.Linear")
     assert (first.old_shape, first.new_shape) == ((32, 96), (96, 32))
-    assert all(m.bit_exact and m.max_abs_err is not None for m in report.modules)
+    assert all(m.check.bit_exact and m.check.max_abs_err is not None
+               for m in report.modules)
     assert not any(isinstance(m, Conv1D) for m in model.modules())
     assert model.lm_head.weight is model.transformer.wte.weight
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
@@ -224,7 +225,7 @@ def test_swaps_on_cuda_on_its_own_device():
 def test_without_verification_nothing_is_run():
     model = param_mlp().to("meta")
     report = convert.swap_modules(model, "linear", verify=False)
-    assert not report.verified and report.modules[0].max_abs_err is None
+    assert not report.verified and report.modules[0].check is None
     assert model[0].weight.shape == (OUT, IN) and model[0].weight.is_meta
     with pytest.raises(convert.UsageError, match="meta device.*verify=False"):
         convert.swap_modules(model, "param")
@@ -252,7 +253,7 @@ def test_a_wrong_transpose_fails_verification_naming_the_module(monkeypatch):
         convert.swap_modules(model, "linear")
     report = e.value.report
     assert not report.applied and [m.name for m in report.failures] == ["3"]
-    assert report.failures[0].max_abs_err > 0
+    assert report.failures[0].check.max_abs_err > 0
     assert e.value.exit_code == 1
     assert_unchanged(model, before)
 
