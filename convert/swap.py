@@ -90,8 +90,9 @@ class _Candidate:
     new: Any = None
 
 
-def swap_modules(model: Any, to: Layout | str, *, modules: Sequence[type] = (),
-                 include: Sequence[str] = (), exclude: Sequence[str] = (), verify: bool = True,
+def swap_modules(model: Any, to: Layout | str, *, modules: Sequence[type] | type = (),
+                 include: Sequence[str] | str = (), exclude: Sequence[str] | str = (),
+                 verify: bool = True,
                  atol: float | None = None, rtol: float | None = None, seed: int = 0,
                  batch_size: int = 8) -> SwapReport:
     """Convert MODEL's linear layers to layout TO in place, weights transposed.
@@ -124,13 +125,22 @@ def swap_modules(model: Any, to: Layout | str, *, modules: Sequence[type] = (),
     import torch
 
     layout = _layout(to)
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"swap_modules: model must be an nn.Module, not {type(model).__name__}.")
+    if verify and batch_size < 1:
+        raise UsageError(f"swap_modules: batch_size={batch_size} runs nothing; use 1 or more "
+                         "(or verify=False).")
+    # one class or one pattern stands for a list of one
+    modules = (modules,) if isinstance(modules, type) else tuple(modules)
+    include = (include,) if isinstance(include, str) else include
+    exclude = (exclude,) if isinstance(exclude, str) else exclude
     if modules and layout is not Layout.LINEAR:
         raise UsageError("modules= names param-layout classes to turn into nn.Linear, so it "
                          "needs to='linear'; to='param' converts every nn.Linear.")
     for cls in modules:
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
             raise UsageError(f"modules= takes nn.Module classes; {cls!r} is not one.")
-    candidates = _find(model, layout, tuple(modules), [Pattern(p, "include") for p in include],
+    candidates = _find(model, layout, modules, [Pattern(p, "include") for p in include],
                        [Pattern(p, "exclude") for p in exclude], verify)
     _check_ties(model, candidates)
     new_weights: dict[int, Any] = {}

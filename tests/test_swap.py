@@ -185,6 +185,12 @@ def test_a_user_class_given_in_modules_swaps():
         torch.testing.assert_close(model(x), expected)
 
 
+def test_one_class_or_one_pattern_is_a_list_of_one():
+    model = nn.Sequential(models.CustomLinear(IN, OUT), ParamLinear(OUT, SQ))
+    report = convert.swap_modules(model, "linear", modules=models.CustomLinear, include="0")
+    assert [m.name for m in report.modules] == ["0"] and isinstance(model[1], ParamLinear)
+
+
 def test_include_and_exclude_select_by_qualified_name():
     model = gpt2()
     report = convert.swap_modules(model, "linear", include=["*.attn.*"],
@@ -320,6 +326,8 @@ def test_a_forward_that_raises_fails_verification():
      "include 'fc\\*' matches no ParamLinear, Conv1D module"),
     (lambda m: convert.swap_modules(m, "param"), "nothing to swap to 'param' in Sequential"),
     (lambda m: convert.swap_modules(m[0], "linear"), "the model itself is a ParamLinear"),
+    (lambda m: convert.swap_modules(m.state_dict(), "linear"), "an nn.Module, not OrderedDict"),
+    (lambda m: convert.swap_modules(m, "linear", batch_size=0), "batch_size=0 runs nothing"),
 ])
 def test_bad_calls_are_usage_errors(call, message):
     model = param_mlp()
