@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -64,6 +65,9 @@ def logits(model: nn.Module) -> torch.Tensor:
 def test_gpt2_swaps_to_linear_keeps_logits_and_ties_then_quantizes():
     model = gpt2()
     expected = logits(model)
+    unswapped = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear},
+                                                       dtype=torch.qint8)
+    assert isinstance(unswapped.transformer.h[0].attn.c_attn, Conv1D)  # what the swap is for
     report = convert.swap_modules(model, "linear")
     assert report.applied and report.verified and report.equivalent
     assert len(report.modules) == 4 * GPT2["n_layer"]
