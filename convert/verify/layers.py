@@ -18,7 +18,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import DTYPES, is_float_weight, swapped
+from ..companions import CompanionError, Role, classify
+from ..dtypes import DTYPES, is_float_weight, is_transposable, swapped
 from ..errors import UsageError
 from ..layout import Layout
 from .pairing import Pair
@@ -206,11 +207,14 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                   bias_pairs: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
                   device: Any, batch_size: int, seed: int, atol: float | None,
                   rtol: float | None, member: tuple[int, ...] = (),
-                  loaded: tuple[Any, Any] | None = None) -> CheckResult:
+                  loaded: tuple[Any, Any] | None = None,
+                  companions: Sequence[tuple[str, str, Role]] = ()) -> CheckResult:
     """One linear layer: ParamLinear on the param side vs nn.Linear on the linear side.
 
     SHAPES maps SRC's keys to their shapes (to find the layer's bias). MEMBER picks one
     matrix of a stack (one expert of `[E, in, out]`), and its row of an `[E, out]` bias.
+    COMPANIONS (SRC key, DST key, role) dequantize, unmask or renormalize the weight on each
+    side before the layers run, in float32.
     """
     import torch
     from torch import nn
@@ -237,6 +241,15 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     whole_src, whole_dst = loaded or (src.tensor(pair.source), dst.tensor(pair.target))
     w_src, w_dst = whole_src[s_at], whole_dst[d_at]
     res.bit_exact = _transposed_bits_equal(w_src, w_dst)
+    if companions:  # a quantized, pruned or weight-normed layer: run what it computes with
+        try:
+            w_src = effective_weight(w_src, [(c, role, _row(src.tensor(c), s_at))
+                                             for c, _, role in companions], src_param)
+            w_dst = effective_weight(w_dst, [(t, role, _row(dst.tensor(t), d_at))
+                                             for _, t, role in companions], not src_param)
+        except CompanionError as e:
+            res.passed, res.message = False, str(e)
+            return res
 
     src_bias_key = bias_key(pair.source, shapes)
     hit = (bias_pairs.get((src_bias_key, pair.source_index))
@@ -259,6 +272,8 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     if (b_param is None) != (b_lin is None) or not bias_ok:
         res.passed, res.message = False, "bias missing or misshapen on one side"
         return res
+    if companions:
+        compute, tdtype = "F32", torch.float32
     if in_f == 0 or out_f == 0:  # nothing to compute: the bit-exact check is the whole story
         res.passed = res.bit_exact
         res.message = "" if res.passed else "weight is not the bit-exact transpose of its source"
@@ -286,7 +301,66 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     if not res.bit_exact:
         passed, msg = False, ("weight is not the bit-exact transpose of its source"
                               + (f"; {msg}" if msg else ""))
+    if not passed and companions:
+        msg += " (dequantized with " + ", ".join(f"'{t}'" for _, t, _ in companions) + ")"
     res.passed, res.message = passed, msg
+    return res
+
+
+_ACTIVATION = ("input_scale", "input_zero_point", "input_global_scale", "weight_global_scale",
+               "activation_scale")
+
+
+def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param: bool) -> Any:
+    """The float32 matrix a layer computes with: W (minus its zero point) times its expanded
+    scale, times its mask, or weight norm's g * v / ||v||. PARAM: W is in x out (else out x in).
+    Activation scales do not change the weight and are checked bit for bit only.
+
+    Raises:
+        CompanionError: a companion whose shape does not fit W.
+    """
+    import torch
+
+    out = w.to(torch.float32)
+    rows, cols = out.shape
+    for key, role, c in companions:
+        leaf = key.rpartition(".")[2]
+        if role is Role.BIAS or leaf in _ACTIVATION:
+            continue
+        comp = classify(key, "its weight", role, tuple(c.shape), (rows, cols))
+        c = c.to(torch.float32)
+        if comp.block is not None:  # a grid (or [out, 1]): one value per block
+            c = c.repeat_interleave(comp.block[0], 0)[:rows].repeat_interleave(comp.block[1], 1)
+            c = c[:, :cols]
+        elif c.ndim == 1 and c.numel() > 1:  # per channel: along the output dim if it fits
+            by_out = c.numel() == (cols if param else rows)
+            c = c[None, :] if by_out == param else c[:, None]
+        if leaf.endswith("zero_point"):
+            out = out - c
+        elif leaf in ("weight_g", "original0"):  # weight norm: g * v / ||v||
+            dims = [d for d in range(2) if c.shape[d] == 1] if c.ndim == 2 else [0, 1]
+            out = c * out / out.norm(dim=dims, keepdim=True)
+        else:
+            out = out * c
+    return out
+
+
+def _verify_companion(pair: Pair, weight: str, src: Checkpoint, dst: Checkpoint) -> CheckResult:
+    """A grid, mask or weight norm's g that was transposed with its weight: the bit-exact
+    transpose of its source, or the scale left as it was (the silent failure of its kind)."""
+    s, d = src.specs[pair.source], dst.specs[pair.target]
+    res = CheckResult(pair.name, pair.source, "companion", True, d.dtype, d.shape)
+    if s.dtype != d.dtype or tuple(d.shape) != swapped(s.shape):
+        res.passed, res.bit_exact = False, False
+        res.message = (f"{'x'.join(map(str, d.shape))} {d.dtype} is not the transpose of its "
+                       f"source ({'x'.join(map(str, s.shape))} {s.dtype}), as its weight "
+                       f"'{weight}' is")
+        return res
+    res.bit_exact = _transposed_bits_equal(src.tensor(pair.source), dst.tensor(pair.target))
+    if not res.bit_exact:
+        res.passed = False
+        res.message = (f"not the bit-exact transpose of its source: its weight '{weight}' was "
+                       "transposed and it was not transposed with it")
     return res
 
 
@@ -375,6 +449,7 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                        seed: int = 0, atol: float | None = None,
                        rtol: float | None = None) -> VerifyReport:
     """Check DST against SRC pair by pair; keys that pair with nothing are differences."""
+    from ..companions import companion_map
     from ..selection import bias_evidence
 
     dev = resolve_device(device)
@@ -394,6 +469,12 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
     held = _LastTensors()  # a stack's E pairs all want it: read it once, not E times
     bias_pairs = {(p.source, p.source_index): (p.target, p.target_index) for p in pairs
                   if not p.transposed and not p.parts}
+    comps = companion_map(shapes)
+    target_of = {p.source: p.target for p in pairs if not p.parts and p.target in dst.specs}
+    layer_comps: dict[str, list[tuple[str, str, Role]]] = {}
+    for c, (w, role, _) in comps.items():
+        if c in target_of:
+            layer_comps.setdefault(w, []).append((c, target_of[c], role))
     for p in pairs:
         if p.source not in src.specs:
             report.results.append(CheckResult(p.target, p.source, "missing", False,
@@ -406,14 +487,17 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
         if p.parts:
             report.results.append(_verify_parts(p, src, dst, dev, batch_size, seed, atol, rtol))
             continue
-        if p.transposed:
+        if p.transposed and p.source in comps:
+            report.results.append(_verify_companion(p, comps[p.source][0], src, dst))
+        elif p.transposed:
             s = src.specs[p.source]
             if dst_layout is not None:
                 src_param = dst_layout is Layout.LINEAR
             else:
                 ev = bias_evidence(p.source, s.shape, shapes) if len(s.shape) >= 2 else None
                 src_param = ev is None or ev[0] is Layout.PARAM
-            if not is_float_weight(s.dtype, s.shape):
+            quantized = p.source in layer_comps and is_transposable(s.dtype, s.shape)
+            if not is_float_weight(s.dtype, s.shape) and not quantized:
                 report.results.append(CheckResult(p.target, p.source, "layer", False, s.dtype,
                                                   s.shape, message="not a float matrix"))
                 continue
@@ -424,7 +508,8 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                                               _part(s.shape, p.source_index)[:-2])):
                 report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs,
                                                     shapes, dev, batch_size, seed, atol, rtol,
-                                                    member, loaded))
+                                                    member, loaded,
+                                                    layer_comps.get(p.source, ())))
         else:
             report.results.append(_compare_exact(p, src, dst))
         src.release(p.source)
