@@ -414,10 +414,11 @@ def _public_table() -> Mapping[str, Callable[..., Any]]:
     from types import MappingProxyType
 
     from .batching import batch
+    from .swap import swap_modules
 
     ops = {"to_linear": to_linear, "to_param": to_param, "export": export, "verify": verify,
            "inspect_checkpoint": inspect_checkpoint, "plan_conversion": plan_conversion,
-           "batch": batch}
+           "batch": batch, "swap_modules": swap_modules}
     return MappingProxyType({k: public(f) for k, f in ops.items()})
 
 
