@@ -30,6 +30,7 @@ from .formats.atomic import AtomicFile, output_error, partial_path
 from .formats.safetensors import read_range
 from .formats.torch_pt import TorchSource
 from .plan import Plan
+from .plan.entries import by_member
 from .provenance import METADATA_KEY, SHA_PLACEHOLDER, Provenance
 
 STRIP = 16  # source rows per step: each writes one 64-byte line per output row (float32)
@@ -103,7 +104,7 @@ def provenance_for(plan: Plan, ckpt: Checkpoint, sha: str = SHA_PLACEHOLDER) -> 
     return Provenance(
         layout=plan.layout,
         keys={e.key: (e.source, e.transpose) for e in plan.entries},
-        pieces={e.key: tuple((p.source, p.index, p.rows, p.axis) for p in e.pieces)
+        pieces={e.key: tuple(p.record for p in e.pieces)
                 for e in plan.entries
                 if len(e.pieces) > 1 or e.pieces[0].index is not None or e.pieces[0].rows},
         dropped=plan.dropped,
@@ -161,8 +162,9 @@ def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
         if progress is not None:
             progress(done, total)
             done += nbytes_of(e.dtype, e.shape)
-        if e.pieces[0].rows is not None:  # a split's part or a merge: join, then write
-            sink.write(e.key, _joined(e, ckpt))
+        if e.pieces[0].rows is not None:  # a split's part or a merge: join, then write (a
+            for group in by_member(e.pieces):  # merge into a stack: member by member)
+                sink.write(e.key, _joined(group, e.dtype, e.transpose, ckpt))
             continue
         for piece in e.pieces:  # one, or the members of a stack in order
             _stream_piece(e.key, e.dtype, piece, ckpt, sink, inbuf, outbuf)
@@ -170,36 +172,36 @@ def stream_entries(plan: Plan, ckpt: Checkpoint, sink: Any,
         progress(total, total)
 
 
-def _joined(e: Any, ckpt: Checkpoint) -> memoryview:
-    """The bytes of an entry made of row ranges of fused or part tensors: the ranges joined
-    along the sources' output dim, then transposed where the entry says (one part, or one
-    fused tensor, in memory: never more than the tensor being written and its source)."""
+def _joined(pieces: Sequence[Any], dtype: str, transpose: bool, ckpt: Checkpoint) -> memoryview:
+    """The bytes of row ranges of fused or part tensors: the ranges joined along the sources'
+    output dim, then transposed where the entry says (one part, or one fused tensor, in memory:
+    never more than the tensor being written and its source)."""
     import numpy as np
 
-    itemsize = DTYPES[e.dtype].itemsize
+    itemsize = DTYPES[dtype].itemsize
     blocks = []
-    for p in e.pieces:
+    for p in pieces:
         shape = p.shape if p.index is None else p.shape[1:]
-        start = 0 if p.index is None else p.index * nbytes_of(e.dtype, shape)
+        start = 0 if p.index is None else p.index * nbytes_of(dtype, shape)
         if len(shape) <= 2 and (p.axis == -2 or len(shape) == 1):
             # rows of a matrix (a linear-layout source) or a range of a vector lie together:
             # read just them
-            row = nbytes_of(e.dtype, shape[1:]) if len(shape) == 2 else itemsize
+            row = nbytes_of(dtype, shape[1:]) if len(shape) == 2 else itemsize
             length = (p.rows[1] - p.rows[0]) * row
             raw = ckpt.read_part(p.source, start + p.rows[0] * row, length, bytearray(length))
             part = (p.rows[1] - p.rows[0], *shape[1:])
             blocks.append(np.frombuffer(raw, dtype=np.uint8, count=length)
                           .view(_UINT[itemsize]).reshape(part))
             continue
-        raw = ckpt.read_bytes(p.source, bytearray(nbytes_of(e.dtype, p.shape)))
+        raw = ckpt.read_bytes(p.source, bytearray(nbytes_of(dtype, p.shape)))
         arr = np.frombuffer(raw, dtype=np.uint8).view(_UINT[itemsize]).reshape(p.shape)
         if p.index is not None:
             arr = arr[p.index]
         cut = [slice(None)] * arr.ndim
         cut[p.axis] = slice(*p.rows)
         blocks.append(arr[tuple(cut)])
-    out = np.concatenate(blocks, axis=e.pieces[0].axis)
-    if e.transpose:
+    out = np.concatenate(blocks, axis=pieces[0].axis)
+    if transpose:
         out = np.swapaxes(out, -1, -2)
     return memoryview(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
 
@@ -352,17 +354,18 @@ def _assemble(entry: Any, get: Any) -> Any:
     """An entry made of several pieces (a stack of members) or of one member of a stack."""
     import torch
 
-    parts = []
-    for p in entry.pieces:
+    def taken(p: Any) -> Any:
         t = get(p.source).detach()
         if p.index is not None:
             t = t[p.index]
-        if p.rows is not None:
-            t = t.narrow(p.axis, p.rows[0], p.rows[1] - p.rows[0])
-        parts.append(t)
+        return t if p.rows is None else t.narrow(p.axis, p.rows[0], p.rows[1] - p.rows[0])
+
     if entry.pieces[0].rows is not None:  # a split's part or a merge: join the row ranges
-        out = torch.cat(parts, dim=entry.pieces[0].axis)
+        axis = entry.pieces[0].axis
+        groups = [torch.cat([taken(p) for p in g], dim=axis) for g in by_member(entry.pieces)]
+        out = groups[0] if entry.pieces[0].member is None else torch.stack(groups)
     else:
+        parts = [taken(p) for p in entry.pieces]
         out = parts[0] if len(parts) == 1 else torch.stack(parts)
     return (out.transpose(-2, -1) if entry.transpose else out).contiguous()
 

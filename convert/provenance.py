@@ -33,7 +33,8 @@ class Provenance:
     operation: str = "convert"  # or "export": the layout kept, nothing transposed
     # destination key -> its pieces, (source key, member index or None), where it is not one
     # whole source tensor: a stack of members, or one member of a source stack
-    # (source key, member index or None, rows or None, axis or None) each
+    # (source key, member index or None, rows or None, axis or None, destination member or
+    # None) each
     pieces: dict[str, tuple[tuple[Any, ...], ...]] = field(default_factory=dict)
 
     def to_json(self, keys: list[str] | None = None) -> str:
@@ -43,7 +44,8 @@ class Provenance:
             "version": VERSION,
             "layout": self.layout.value,
             "keys": {k: {"source": s, "transposed": t,
-                         **({"pieces": [list(p) for p in self.pieces[k]]}
+                         **({"pieces": [list(p if p[4:] != (None,) else p[:4])
+                                        for p in self.pieces[k]]}
                             if k in self.pieces else {})}
                      for k, (s, t) in listed.items()},
             "dropped": list(self.dropped),
@@ -82,12 +84,13 @@ def parse_provenance(text: str, path: Path) -> Provenance:
 
 
 def _piece(value: Any) -> tuple[Any, ...]:
-    """(source, index, rows, axis) from a provenance piece ([source, index] or all four)."""
+    """(source, index, rows, axis, member) from a provenance piece ([source, index], four, or
+    all five)."""
     source, index, *rest = value
-    rows, axis = rest if rest else (None, None)
+    rows, axis, member = (*rest, None, None, None)[:3]
     return (str(source), None if index is None else int(index),
             None if rows is None else (int(rows[0]), int(rows[1])),
-            None if axis is None else int(axis))
+            None if axis is None else int(axis), None if member is None else int(member))
 
 
 def _operation(value: object) -> str:

@@ -151,6 +151,7 @@ class SplitRule:
     heads: int = 0
     origin: str = "--split"
     shipped: bool = False
+    layout: Layout | None = None  # where nothing else says it: the layout its tensors are in
 
     def __post_init__(self) -> None:
         want = set(_PLACEHOLDER.findall(self.fused))
@@ -230,7 +231,8 @@ class Selection:
             "rename": [[r.pattern, r.replacement] for r in self.renames],
             "model": self.model,
             **({"stack": [[r.members, r.stacked] for r in self.stacks]} if self.stacks else {}),
-            **({"split": [[r.fused, list(r.parts), list(r.sizes), r.heads]
+            **({"split": [[r.fused, list(r.parts), list(r.sizes), r.heads,
+                           *([r.layout.value] if r.layout else [])]
                           for r in self.splits]} if self.splits else {}),
             **({"companion": [[r.key, r.role.value, list(r.block or ())]
                               for r in self.companions]} if self.companions else {}),
@@ -301,16 +303,20 @@ def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False)
         raise UsageError(f"{origin}: 'split' must be an array of tables ([[split]] with from, "
                          "to, and optionally sizes and heads).")
     for i, r in enumerate(data.get("split", [])):
-        ok = (isinstance(r, dict) and {"from", "to"} <= set(r) <= {"from", "to", "sizes", "heads"}
+        ok = (isinstance(r, dict)
+              and {"from", "to"} <= set(r) <= {"from", "to", "sizes", "heads", "layout"}
               and isinstance(r["from"], str) and isinstance(r["to"], list)
               and all(isinstance(v, str) for v in r["to"])
               and all(isinstance(v, int) for v in r.get("sizes", []))
-              and isinstance(r.get("heads", 0), int))
+              and isinstance(r.get("heads", 0), int)
+              and r.get("layout", "linear") in ("linear", "param"))
         if not ok:
             raise UsageError(f"{origin}: [[split]] entry {i + 1} must have a string 'from', a "
-                             "list of strings 'to', and optionally integer 'sizes' and 'heads'.")
+                             "list of strings 'to', and optionally integer 'sizes' and 'heads' "
+                             "and a 'layout' (linear or param).")
         splits.append(SplitRule(r["from"], tuple(r["to"]), tuple(r.get("sizes", ())),
-                                r.get("heads", 0), f"{origin} split", shipped))
+                                r.get("heads", 0), f"{origin} split", shipped,
+                                Layout(r["layout"]) if "layout" in r else None))
     companions = []
     if not isinstance(data.get("companion", []), list):
         raise UsageError(f"{origin}: 'companion' must be an array of tables ([[companion]] with "

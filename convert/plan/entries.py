@@ -9,6 +9,7 @@ edge (`reason`, `to_dict`). No tensors and no torch here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -56,6 +57,8 @@ class Piece:
     index: int | None = None  # which member of a source stack, if any
     rows: tuple[int, int] | None = None  # which part (along the output dim) of a fused tensor
     axis: int | None = None  # with rows: the source's output dim (-2 linear, -1 param)
+    member: int | None = None  # with rows: the member of a destination stack it is joined into
+    # (per-expert parts merged into one stacked fused tensor: transformers 5's gate_up_proj)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"source": self.source, "shape": list(self.shape),
@@ -65,7 +68,25 @@ class Piece:
         if self.rows is not None:
             d["rows"] = list(self.rows)
             d["axis"] = self.axis
+        if self.member is not None:
+            d["member"] = self.member
         return d
+
+    @property
+    def record(self) -> tuple[Any, ...]:
+        """What provenance records of it: (source, index, rows, axis, member)."""
+        return self.source, self.index, self.rows, self.axis, self.member
+
+
+def by_member(pieces: Sequence[Piece]) -> list[list[Piece]]:
+    """PIECES grouped by the destination stack member they are joined into, in order (one
+    group where they make one tensor)."""
+    if pieces[0].member is None:
+        return [list(pieces)]
+    groups: dict[int, list[Piece]] = {}
+    for p in pieces:
+        groups.setdefault(p.member if p.member is not None else 0, []).append(p)
+    return [groups[m] for m in sorted(groups)]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ of a fused tensor), and their reverse from provenance. No tensors here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from ..dtypes import DTYPES, swapped
 from ..layout import Layout
 from ..provenance import Provenance
 from ..selection import Role, Selection, bias_key, siblings
-from .entries import Because, Entry, Piece
+from .entries import Because, Entry, Piece, by_member
 from .messages import describe as _describe
 from .messages import skipped_rules as _skipped_rules
 
@@ -28,6 +29,7 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
     kept = [k for k in flat if decisions[k][0] is not None]
     made: dict[str, list[Entry]] = {}  # the first source key of a group -> what it makes
     taken: set[str] = set()
+    pending: list[Any] = []  # stack rules that match no source key
 
     def one(k: str, name: str, index: int | None = None) -> Entry:
         shape, dtype = flat[k]
@@ -84,7 +86,7 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
             elif rule.stack(k) is not None:
                 backward.append(k)
         if not forward and not backward:
-            _unmatched(rule, "its members nor its stack", source, errors, warnings)
+            pending.append(rule)  # it may unstack what a split makes: see below
             continue
         for values, members in forward.items():
             missing = [e for e in range(max(members) + 1) if e not in members]
@@ -101,6 +103,9 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
             unstack(k, [rule.member_name(values, e) for e in range(n)], str(rule))
     _split_units(flat, decisions, kept, target, selection, provenance, source, errors,
                  warnings, made, taken)
+    for rule in pending:  # the parts a split made of a stacked fused tensor, unstacked
+        if not _unstack_parts(rule, made):
+            _unmatched(rule, "its members nor its stack", source, errors, warnings)
     units: list[Entry] = []
     for k in kept:
         if k in made:
@@ -148,29 +153,37 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
     back into one; the reverse of either from provenance."""
     shapes = {k: s for k, (s, _) in flat.items()}
 
-    def axis_of(k: str, why: str) -> int | None:
+    def axis_of(k: str, why: str, said: Layout | None = None) -> int | None:
         if len(flat[k][0]) == 1:
             return -1  # a bias: its only dim
         held = _held(decisions[k], target)
+        if held is not None and said is not None and held is not said:
+            errors.append(f"{why} says its tensors are in the {said} layout, but '{k}' is in "
+                          f"the {held} layout ({decisions[k][1].words(decisions[k][2], False)})")
+            return None
+        held = held or said
         if held is None:
             errors.append(f"{why}: nothing says which layout '{k}' is stored in, so not along "
-                          "which dim to split it; decide it with --layers or --model")
+                          "which dim to split it; decide it with --layers or --model, or give "
+                          "the rule a layout")
             return None
         return -2 if held is Layout.LINEAR else -1
 
     def entry(name: str, pieces: list[Piece], dtype: str, k: str, note: str) -> Entry:
         transpose, because, evidence = decisions[k]
         axis = pieces[0].axis
-        first = pieces[0].shape
+        first = pieces[0].shape if pieces[0].index is None else pieces[0].shape[1:]
         out = list(first)
-        out[axis] = sum(p.rows[1] - p.rows[0] for p in pieces)
-        shape = tuple(out)
+        groups = by_member(pieces)
+        out[axis] = sum(p.rows[1] - p.rows[0] for p in groups[0])
+        shape = tuple(out) if pieces[0].member is None else (len(groups), *out)
         return Entry(name, swapped(shape) if transpose else shape, dtype, tuple(pieces), because,
                      f"{evidence}; {note}" if evidence else note)
 
-    def split(k: str, part_names: list[str], sizes: Sequence[int], heads: int, why: str) -> bool:
+    def split(k: str, part_names: list[str], sizes: Sequence[int], heads: int, why: str,
+              said: Layout | None = None) -> bool:
         shape, dtype = flat[k]
-        axis = axis_of(k, why)
+        axis = axis_of(k, why, said)
         if axis is None:
             return False
         total = shape[axis]
@@ -193,10 +206,11 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
         taken.add(k)
         return True
 
-    def merge(parts: list[str], name: str, heads: int, why: str) -> bool:
+    def merge(parts: list[str], name: str, heads: int, why: str,
+              said: Layout | None = None) -> bool:
         dtypes = {flat[p][1] for p in parts}
         flips = {bool(decisions[p][0]) for p in parts}
-        axes = {axis_of(p, why) for p in parts}
+        axes = {axis_of(p, why, said) for p in parts}
         if len(dtypes) > 1 or len(flips) > 1 or len(axes) != 1 or None in axes:
             errors.append(f"{why}: the parts of '{name}' differ in dtype, layout or decision")
             return False
@@ -213,6 +227,38 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
         taken.update(parts)
         return True
 
+    def merge_stacks(parts: list[tuple[str, Entry]], name: str, heads: int, why: str,
+                     said: Layout | None = None) -> None:
+        """Stacks a stack rule made (each from per-expert tensors) merged into one stacked
+        fused tensor, member by member: the per-expert parts joined along their output dim."""
+        first_key, first = parts[0]
+        sizes = {len(e.pieces) for _, e in parts}
+        flips = {e.transpose for _, e in parts}
+        axes = {axis_of(e.pieces[0].source, why, said) for _, e in parts}
+        if len(sizes) > 1 or len(flips) > 1 or len(axes) != 1 or None in axes or \
+                len({e.dtype for _, e in parts}) > 1:
+            errors.append(f"{why}: the stacks merged into '{name}' differ in members, dtype, "
+                          "layout or decision")
+            return
+        (axis,) = axes
+        groups = heads or 1
+        pieces = []
+        for m in range(len(first.pieces)):
+            for g in range(groups):
+                for _, e in parts:
+                    p = e.pieces[m]
+                    n = p.shape[axis]
+                    if n % groups:
+                        errors.append(f"{why}: {heads} heads do not divide '{p.source}' ({n})")
+                        return
+                    pieces.append(Piece(p.source, p.shape, p.transpose, None,
+                                        (g * n // groups, (g + 1) * n // groups), axis, m))
+        merged = entry(name, pieces, first.dtype, first.pieces[0].source, f"merged by {why}")
+        made[first_key] = [dataclasses.replace(merged, evidence=f"{first.evidence}; "
+                                               f"merged by {why}")]
+        for k, _ in parts[1:]:
+            made[k] = []
+
     for rule in selection.splits:
         fused = [k for k in kept if k not in taken and rule.fused_values(k) is not None]
         groups: dict[tuple[tuple[str, str], ...], dict[int, str]] = {}
@@ -220,14 +266,29 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
             hit = rule.part_values(k) if k not in taken else None
             if hit is not None:
                 groups.setdefault(hit[0], {})[hit[1]] = k
-        if not fused and not groups:
+        stacked: dict[tuple[tuple[str, str], ...], dict[int, tuple[str, Entry]]] = {}
+        for k, entries in made.items():  # stacks a stack rule made: merged per member
+            for e in entries:
+                hit = rule.part_values(e.key) if len(e.pieces) > 1 and \
+                    e.pieces[0].rows is None else None
+                if hit is not None:
+                    stacked.setdefault(hit[0], {})[hit[1]] = (k, e)
+        for values, found in stacked.items():
+            if len(found) != len(rule.parts):
+                lack = next(i for i in range(len(rule.parts)) if i not in found)
+                errors.append(f"{rule}: '{rule.part_name(values, lack)}' is missing, so its "
+                              f"parts cannot be merged into '{rule.fused_name(values)}'")
+                continue
+            merge_stacks([found[i] for i in range(len(rule.parts))], rule.fused_name(values),
+                         rule.heads, str(rule), rule.layout)
+        if not fused and not groups and not stacked:
             _unmatched(rule, "the fused tensor nor its parts", source, errors, warnings)
             continue
         for k in fused:
             values = rule.fused_values(k)
             assert values is not None
             names = [rule.part_name(values, i) for i in range(len(rule.parts))]
-            if split(k, names, rule.sizes, rule.heads, str(rule)):
+            if split(k, names, rule.sizes, rule.heads, str(rule), rule.layout):
                 bias = bias_key(k, shapes)
                 part_biases = [next(iter(siblings(n, Role.BIAS)), None) for n in names]
                 if bias is not None and bias in kept and bias not in taken:
@@ -244,7 +305,7 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
                               f"parts cannot be merged into '{rule.fused_name(values)}'")
                 continue
             order = [parts[i] for i in range(len(rule.parts))]
-            if merge(order, rule.fused_name(values), rule.heads, str(rule)):
+            if merge(order, rule.fused_name(values), rule.heads, str(rule), rule.layout):
                 biases = [bias_key(p, shapes) for p in order]
                 fused_bias = next(iter(siblings(rule.fused_name(values), Role.BIAS)), None)
                 if all(b is not None and b in kept and b not in taken for b in biases) and \
@@ -254,34 +315,60 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
         _reverse_splits(flat, decisions, kept, provenance, made, taken, entry)
 
 
+def _unstack_parts(rule: Any, made: dict[str, list[Entry]]) -> bool:
+    """The parts a split made of a stacked fused tensor, unstacked by RULE into one tensor per
+    member (transformers 5's gate_up_proj [E, 2I, H] -> per-expert gate_proj and up_proj)."""
+    hit = False
+    for k, entries in made.items():
+        out = []
+        for e in entries:
+            values = rule.stack(e.key)
+            p0 = e.pieces[0]
+            if values is None or p0.rows is None or p0.index is not None or \
+                    p0.member is not None or len(p0.shape) < 3:
+                out.append(e)
+                continue
+            hit = True
+            for m in range(p0.shape[0]):
+                pieces = tuple(dataclasses.replace(p, index=m) for p in e.pieces)
+                out.append(Entry(rule.member_name(values, m), e.shape[1:], e.dtype, pieces,
+                                 e.because, f"{e.evidence}; unstacked by {rule}"))
+        made[k] = out
+    return hit
+
+
 def _reverse_splits(flat: dict[str, tuple[tuple[int, ...], str]],
                     decisions: dict[str, Decision], kept: list[str], provenance: Provenance,
                     made: dict[str, list[Entry]], taken: set[str], entry: Any) -> None:
     """From provenance: the parts a split wrote merge back, a merged tensor splits back (the
     output dim of a tensor that was transposed is the other one now)."""
-    parts_of: dict[str, list[tuple[int, str, int, int]]] = {}  # fused -> (start, part, a, b)
+    # fused -> ((member, start), part, a, b, member): where each part's rows came from
+    parts_of: dict[str, list[tuple[tuple[int, int], str, int, int, int | None]]] = {}
     for k in kept:
         pieces = provenance.pieces.get(k)
         if not pieces or pieces[0][2] is None:
             continue
         t = bool(decisions[k][0])
         sources = {p[0] for p in pieces}
-        if len(sources) == 1:  # k is a part of one fused tensor: merge back
+        if len(sources) == 1:  # k is a part of one fused tensor (or of one member): merge back
             cum = 0
-            for src_key, _, rows, _axis in pieces:
+            for src_key, index, rows, _axis, _ in pieces:
                 n = rows[1] - rows[0]
-                parts_of.setdefault(src_key, []).append((rows[0], k, cum, cum + n))
+                parts_of.setdefault(src_key, []).append(
+                    ((-1 if index is None else index, rows[0]), k, cum, cum + n, index))
                 cum += n
-        else:  # k was merged from parts: split back
+        else:  # k was merged from parts (per member, where it is a stack): split back
             axis = pieces[0][3]
-            here = axis if not t or len(flat[k][0]) < 2 else (-1 if axis == -2 else -2)
-            cum = 0
+            member_dims = len(flat[k][0]) - (pieces[0][4] is not None)
+            here = axis if not t or member_dims < 2 else (-1 if axis == -2 else -2)
+            cum: dict[int | None, int] = {}
             per_part: dict[str, list[Piece]] = {}
-            for src_key, _, rows, _axis in pieces:
+            for src_key, _, rows, _axis, member in pieces:
                 n = rows[1] - rows[0]
+                at = cum.get(member, 0)
                 per_part.setdefault(src_key, []).append(
-                    Piece(k, flat[k][0], t, None, (cum, cum + n), here))
-                cum += n
+                    Piece(k, flat[k][0], t, member, (at, at + n), here))
+                cum[member] = at + n
             made[k] = [entry(name, ps, flat[k][1], k, "provenance") for name, ps in
                        per_part.items()]
             taken.add(k)
@@ -291,8 +378,8 @@ def _reverse_splits(flat: dict[str, tuple[tuple[int, ...], str]],
         t = bool(decisions[first][0])
         axis = provenance.pieces[first][0][3]
         pieces = []
-        for _, part, a, b in spans:
+        for _, part, a, b, member in spans:
             here = axis if not t or len(flat[part][0]) < 2 else (-1 if axis == -2 else -2)
-            pieces.append(Piece(part, flat[part][0], t, None, (a, b), here))
+            pieces.append(Piece(part, flat[part][0], t, None, (a, b), here, member))
         made[first] = [entry(fused, pieces, flat[first][1], first, "provenance")]
-        taken.update(p for _, p, _, _ in spans)
+        taken.update(p for _, p, _, _, _ in spans)

@@ -404,11 +404,16 @@ def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, bat
     res = CheckResult(pair.target, ",".join(dict.fromkeys(q[0] for q in pair.parts)), "part",
                       True, d.dtype, d.shape)
     blocks, axis = [], pair.parts[0][3]
-    for source, index, rows, ax in pair.parts:
+    groups: dict[int | None, list[Any]] = {}
+    for source, index, rows, ax, member in pair.parts:
         t = src.tensor(source)
         t = t if index is None else t[index]
         blocks.append(t.narrow(ax, rows[0], rows[1] - rows[0]))
-    expected = torch.cat(blocks, dim=axis)
+        groups.setdefault(member, []).append(blocks[-1])
+    if None in groups:
+        expected = torch.cat(blocks, dim=axis)
+    else:  # per-expert parts merged into a stack: each member joined, then stacked
+        expected = torch.stack([torch.cat(groups[m], dim=axis) for m in sorted(groups)])
     if pair.transposed:
         expected = expected.transpose(-2, -1)
     actual = dst.tensor(pair.target)
@@ -426,7 +431,7 @@ def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, bat
         x = torch.randn(batch_size, in_f, generator=gen, dtype=torch.float64).to(device, compute)
         with torch.no_grad(), ieee_float32():
             outs = []
-            for source, index, rows, _ in pair.parts:
+            for source, index, rows, _, _ in pair.parts:
                 w = src.tensor(source)
                 w = (w if index is None else w[index]).to(device, compute)
                 y = x @ (w.t() if linear_src else w)

@@ -24,8 +24,9 @@ class Pair:
     transposed: bool
     source_index: int | None = None  # a member of a SRC stack (DST unstacked it)
     target_index: int | None = None  # a member of a DST stack (DST stacked SRC's members)
-    # a split's part or a merge: DST is these (source, index, rows, axis) pieces of SRC, joined
-    # along the output dim (then transposed where `transposed`)
+    # a split's part or a merge: DST is these (source, index, rows, axis, member) pieces of SRC,
+    # joined along the output dim (per member of a DST stack), then transposed where
+    # `transposed`
     parts: tuple[tuple[Any, ...], ...] = ()
 
     @property
@@ -40,8 +41,8 @@ def pairs_from_plan(plan: Plan) -> list[Pair]:
     pairs = []
     for e in plan.entries:
         if any(p.rows is not None for p in e.pieces):
-            pairs.append(Pair(e.source, e.key, e.transpose, parts=tuple(
-                (p.source, p.index, p.rows, p.axis) for p in e.pieces)))
+            pairs.append(Pair(e.source, e.key, e.transpose,
+                              parts=tuple(p.record for p in e.pieces)))
             continue
         stacked = len(e.pieces) > 1
         for j, p in enumerate(e.pieces):
