@@ -199,13 +199,19 @@ def verify(src: str | Path, dst: str | Path, *, selection: Selection | None = No
            batch_size: int = 8, seed: int = 0, source_model: str | None = None,
            target_model: str | None = None, input_shape: Sequence[Sequence[int]] = (),
            input_dtype: str = "float32", input_high: int | None = None,
-           **selection_options: Any) -> VerifyReport:
+           logits: str | None = None, reference: str | None = None,
+           min_cosine: float | None = None, max_kl: float | None = None,
+           min_top1: float | None = None, **selection_options: Any) -> VerifyReport:
     """Check that DST computes what SRC computes; returns the report (see `VerifyReport`).
 
     Pairs come from DST's provenance, else the selection options, else names and transposed
-    shapes. With `source_model` and `target_model` the two models are compared whole.
+    shapes. With `source_model` and `target_model` the two models are compared whole, with
+    each output's figures (cosine; top-1 and KL for `logits`), gated by `min_cosine`, `max_kl`
+    and `min_top1` where given. `reference="float64"` also runs the source side in float64
+    and reports each side's distance from it.
     """
     from .verify import pair_keys, verify_checkpoints, verify_models
+    from .verify.models import check_gates
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
@@ -218,12 +224,20 @@ def verify(src: str | Path, dst: str | Path, *, selection: Selection | None = No
     if bool(source_model) != bool(target_model):
         raise UsageError("whole-model verification needs both --source-model and "
                          "--target-model.")
+    gates = check_gates({"min_cosine": min_cosine, "max_kl": max_kl, "min_top1": min_top1},
+                        reference)
+    if (gates or logits is not None) and not source_model:
+        raise UsageError("--logits, --min-cosine, --max-kl and --min-top1 judge whole-model "
+                         "outputs: give --source-model and --target-model (and --input-shape).")
     selection = selection_from(selection, selection_options)
     src_key = state_dict_key if source_kind(Path(src)) == "pt" else None
     if Path(dst).suffix.lower() == ".onnx":
         from .verify import verify_onnx_layers
 
         with open_checkpoint(src, state_dict_key=src_key, allow_globals=allow_global) as s:
+            if reference:
+                raise UsageError(f"--reference applies to checkpoints, not to the ONNX file "
+                                 f"'{dst}'; leave it out.")
             return verify_onnx_layers(s, Path(dst), seed=seed, batch_size=batch_size,
                                       atol=atol, rtol=rtol)
     dst_key = state_dict_key if source_kind(Path(dst)) == "pt" else None
@@ -233,21 +247,23 @@ def verify(src: str | Path, dst: str | Path, *, selection: Selection | None = No
             report = verify_models(s, d, source_model=source_model, target_model=target_model,
                                    input_shapes=[tuple(x) for x in input_shape],
                                    input_dtype=input_dtype, input_high=input_high,
-                                   device=device, seed=seed, atol=atol, rtol=rtol)
+                                   device=device, seed=seed, atol=atol, rtol=rtol,
+                                   logits=logits, reference=reference, **gates)
             if d.provenance is not None:  # per-layer pairs that need no guess
                 pairs, dropped, layout, how = pair_keys(s, d)
                 layers_report = verify_checkpoints(s, d, pairs=pairs, dropped=dropped,
                                                    dst_layout=layout, pairing=how,
                                                    device=device, batch_size=batch_size,
-                                                   seed=seed, atol=atol, rtol=rtol)
+                                                   seed=seed, atol=atol, rtol=rtol,
+                                                   reference=reference)
                 report = replace(report, results=[*report.results, *layers_report.results],
                                  pairing=f"{report.pairing} and DST's provenance")
             return report
-        reference = build_reference(selection.model) if selection.model else None
-        pairs, dropped, layout, how = pair_keys(s, d, selection, reference)
+        model = build_reference(selection.model) if selection.model else None
+        pairs, dropped, layout, how = pair_keys(s, d, selection, model)
         return verify_checkpoints(s, d, pairs=pairs, dropped=dropped, dst_layout=layout,
                                   pairing=how, device=device, batch_size=batch_size, seed=seed,
-                                  atol=atol, rtol=rtol)
+                                  atol=atol, rtol=rtol, reference=reference)
 
 
 # --- inspect --------------------------------------------------------------------------------
@@ -344,11 +360,12 @@ _OPTIONS = {"layers", "exclude", "drop", "rename", "stack", "split", "rules", "p
             "overwrite", "report", "junit", "format", "max-shard-size", "input-shape",
             "input-dtype", "input-high", "opset", "external-data", "layout", "atol", "rtol",
             "batch-size", "seed", "source-model", "target-model", "manifest", "direction",
-            "out-dir", "jobs", "shard", "force", "fail-fast"}
+            "out-dir", "jobs", "shard", "force", "fail-fast", "html", "logits", "reference",
+            "min-cosine", "max-kl", "min-top1"}
 _VALUED = ("model", "preset", "rules", "format", "layout", "state-dict-key", "max-shard-size",
            "opset", "input-shape", "input-dtype", "input-high", "atol", "rtol", "device",
            "source-model", "target-model", "batch-size", "seed", "jobs", "shard", "out-dir",
-           "manifest")
+           "manifest", "html", "logits", "reference", "min-cosine", "max-kl", "min-top1")
 
 
 def keyword_message(text: str) -> str:

@@ -297,6 +297,21 @@ _conversion_command("export", None,
 @input_options("Whole-model mode")
 @click.option("--input-high", type=click.IntRange(min=1),
               help="Whole-model mode: integer inputs are drawn from [0, N).")
+@click.option("--logits", metavar="NAME",
+              help="Whole-model mode: the output that is logits, by name or position (e.g. 0), "
+                   "where none is named 'logits'.")
+@click.option("--min-cosine", type=float, metavar="X",
+              help="Whole-model mode: fail an output whose cosine similarity is below X "
+                   "(instead of the element-wise tolerance).")
+@click.option("--max-kl", type=click.FloatRange(min=0), metavar="X",
+              help="Whole-model mode: fail logits whose KL(softmax src || softmax dst), mean over "
+                   "rows, exceeds X.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), metavar="X",
+              help="Whole-model mode: fail logits whose top-1 agreement (fraction of rows) is "
+                   "below X.")
+@click.option("--reference", type=click.Choice(["float32", "float64"]),
+              help="Also run the source side in this dtype and report each side's distance "
+                   "from it.")
 @report_option
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report as JUnit XML (one test case per layer).")
