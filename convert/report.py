@@ -96,18 +96,23 @@ def render_verify(report: Any) -> str:
         rows.append(["ok" if r.passed else "FAIL", r.kind, r.name, r.dtype,
                      _shape(r.shape) if r.shape else "-", _num(r.max_abs_err), _num(r.rel_err),
                      _num(r.atol_needed), exact, r.message])
+    verdict = verdict_line(report)
+    figures = render_figures(report)
+    return table(["result", "kind", "name", "dtype", "shape", "max_abs", "rel_err",
+                  "atol_needed", "bit_exact", "note"], rows) + "\n" + \
+        (figures + "\n" if figures else "") + verdict
+
+
+def verdict_line(report: Any) -> str:
+    """The verdict of a VerifyReport in one line: what was proven, or how many checks failed."""
     layers = any(r.kind in ("layer", "onnx-layer") for r in report.results)
     proven = ("the two models compute the same outputs" if report.proven == "equivalence"
               else "DST matches its plan layer by layer" if layers
               else "every tensor of DST is SRC's, bit for bit")
     n = len(report.results)
-    verdict = (f"equivalent: {proven} ({n} check{'' if n == 1 else 's'}, pairs from "
-               f"{report.pairing}, device {report.device})" if report.equivalent else
-               f"NOT equivalent: {len(report.failures)} of {n} checks failed")
-    figures = render_figures(report)
-    return table(["result", "kind", "name", "dtype", "shape", "max_abs", "rel_err",
-                  "atol_needed", "bit_exact", "note"], rows) + "\n" + \
-        (figures + "\n" if figures else "") + verdict
+    return (f"equivalent: {proven} ({n} check{'' if n == 1 else 's'}, pairs from "
+            f"{report.pairing}, device {report.device})" if report.equivalent else
+            f"NOT equivalent: {len(report.failures)} of {n} checks failed")
 
 
 def _cos(x: float | None) -> str:
