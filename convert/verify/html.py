@@ -58,7 +58,8 @@ def verification_section(report: Any, *, title: str = "",
                                          for k, v in report.gates.items())))
     for k, v in (provenance or {}).items():
         facts.append((f"DST provenance: {k}", str(v)))
-    return {"title": title or f"verify {report.source} {report.destination}",
+    return {"title": title or f"verify {Path(report.source).name} → "
+                              f"{Path(report.destination).name}",
             "ok": report.equivalent, "verdict": _verdict(report), "facts": facts,
             "warnings": list(report.warnings), "plan": None,
             "verification": report.to_dict()}
@@ -90,7 +91,7 @@ def conversion_section(conv: Any, *, title: str = "") -> dict[str, Any]:
         facts += [("device", ver.device), ("seed", str(ver.seed)),
                   ("batch size", str(ver.batch_size)),
                   ("tolerances", _tolerances(ver.atol, ver.rtol))]
-    return {"title": title or f"{conv.plan.direction} {conv.source}", "ok": ok,
+    return {"title": title or f"{conv.plan.direction} {Path(conv.source).name}", "ok": ok,
             "verdict": verdict, "facts": facts, "warnings": list(conv.warnings),
             "plan": conv.plan.to_dict(), "verification": ver.to_dict() if ver else None}
 
@@ -153,7 +154,7 @@ def _tolerance_text(tol: Mapping[str, Any] | None) -> str:
     if not tol:
         return "-"
     scale = f"·√{tol['in']}" if tol["in"] != 1 else ""
-    return f"atol {tol['atol']:g}{scale} + rtol {tol['rtol']:g}·|b|"
+    return f"atol {tol['atol']:g}{scale}\n+ rtol {tol['rtol']:g}·|b|"
 
 
 def _plan_rows(plan: Mapping[str, Any] | None) -> list[dict[str, Any]]:
