@@ -60,4 +60,4 @@ def kl_divergence(actual: Any, expected: Any) -> float:
     p = log_p.exp()
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
     kl = float(terms.sum(-1).mean())
-    return kl if not math.isnan(kl) else math.inf
+    return math.inf if math.isnan(kl) else max(kl, 0.0)  # >= 0; rounding may dip below

@@ -58,8 +58,7 @@ def verification_section(report: Any, *, title: str = "",
                                          for k, v in report.gates.items())))
     for k, v in (provenance or {}).items():
         facts.append((f"DST provenance: {k}", str(v)))
-    return {"title": title or f"verify {Path(report.source).name} → "
-                              f"{Path(report.destination).name}",
+    return {"title": title or f"verify {_short(report.source)} → {_short(report.destination)}",
             "ok": report.equivalent, "verdict": _verdict(report), "facts": facts,
             "warnings": list(report.warnings), "plan": None,
             "verification": report.to_dict()}
@@ -91,7 +90,7 @@ def conversion_section(conv: Any, *, title: str = "") -> dict[str, Any]:
         facts += [("device", ver.device), ("seed", str(ver.seed)),
                   ("batch size", str(ver.batch_size)),
                   ("tolerances", _tolerances(ver.atol, ver.rtol))]
-    return {"title": title or f"{conv.plan.direction} {Path(conv.source).name}", "ok": ok,
+    return {"title": title or f"{conv.plan.direction} {_short(conv.source)}", "ok": ok,
             "verdict": verdict, "facts": facts, "warnings": list(conv.warnings),
             "plan": conv.plan.to_dict(), "verification": ver.to_dict() if ver else None}
 
@@ -120,6 +119,12 @@ def render_page(sections: Sequence[Mapping[str, Any]], *, command: str,
     return env.get_template("verdict.html").render(
         ok=ok, verdict=verdict, sections=views, batch=batch, command=command,
         version=__version__, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+
+
+def _short(path: str) -> str:
+    """A checkpoint's name for a title: the file, or the folder of a sharded index."""
+    p = Path(path)
+    return f"{p.parent.name}/" if p.name.endswith(".index.json") else p.name
 
 
 def _verdict(report: Any) -> str:
