@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
-import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import convert
+from tests import test_verify
 from tests.conftest import FIXTURES
 
 MODELS = FIXTURES / "models.py"
@@ -101,19 +101,12 @@ def cell_texts(tr: Node) -> list[str]:
     return [td.all_text().strip() for td in tr.iter("td")]
 
 
-@pytest.fixture
-def mlp_pair(fixture_dir):
-    src = fixture_dir / "mlp_param.safetensors"
-    dst = fixture_dir / "mlp.linear.safetensors"
-    convert.to_linear(src, dst)
-    return src, dst
+mlp_pair = test_verify.mlp_pair  # SRC and its verified conversion
 
 
 def test_page_of_a_planted_fault_marks_exactly_its_row(mlp_pair, runner, tmp_path):
     src, dst = mlp_pair
-    t = load_file(dst)
-    t["fc2.weight"][0, 0] += 0.01
-    save_file(t, str(dst), metadata={"format": "pt"})
+    test_verify._tamper(dst, lambda t: t["fc2.weight"][0, 0].add_(0.01))
     page = tmp_path / "verdict.html"
     res = runner("verify", src, dst, "--html", page)
     assert res.exit_code == 1 and page.exists()  # written even though (because) it failed
@@ -145,14 +138,12 @@ def test_conversion_page_has_the_plan_and_is_written_when_verification_fails(
 
     real = ex.transpose_bytes
 
-    def buggy(src, rows_, cols, itemsize, out):  # square weights copied, not transposed
-        if rows_ == cols:
-            n = rows_ * cols * itemsize
-            out[:n] = bytes(memoryview(src)[:n])
-            return memoryview(out)[:n]
-        return real(src, rows_, cols, itemsize, out)
+    def flip_a_bit(*args):  # a planted executor bug: one bit of each transposed tensor
+        out = real(*args)
+        out[len(out) // 2] ^= 0x40
+        return out
 
-    monkeypatch.setattr(ex, "transpose_bytes", buggy)
+    monkeypatch.setattr(ex, "transpose_bytes", flip_a_bit)
     page, dst = tmp_path / "p.html", fixture_dir / "o.safetensors"
     res = runner("to-linear", fixture_dir / "square_nobias.safetensors", "-o", dst,
                  "--layers", "proj.weight", "--exclude", "out.weight", "--html", page)
