@@ -256,7 +256,8 @@ def _run_reference(model: Any, inputs: Sequence[Any], dtype: str, spec: str) -> 
 
 
 def check_gates(gates: Mapping[str, float | None], reference: str | None) -> dict[str, float]:
-    """The gates given (None left out), or exit 2 for one that is not a number in range."""
+    """The gates given (None left out); exit 2 for a gate that is not a number in its range or
+    a REFERENCE that is not float32 or float64."""
     given = {k: float(v) for k, v in gates.items() if v is not None}
     for k, v in given.items():
         top = math.inf if k == "max_kl" else 1.0
