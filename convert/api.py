@@ -71,7 +71,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
             verify: bool = True, device: str = "cpu", opset: int | None = None,
             external_data: bool = False, input_shape: Sequence[Sequence[int]] = (),
             input_dtype: str = "float32", progress: Callable[[int, int], None] | None = None,
-            **selection_options: Any) -> ConversionReport:
+            html: str | Path | None = None, **selection_options: Any) -> ConversionReport:
     """Plan and (unless dry_run) write a conversion of SRC into TARGET's layout.
 
     Which keys are transposed, dropped and renamed is one `Selection`: pass it as
@@ -83,7 +83,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
     refusal that needs no tensor data is raised there, dry run or not. With `verify` (the
     default) the written files, fsynced and read back from disk under their temporary names,
     are verified against SRC layer by layer before DST is renamed into place; a difference
-    raises NotEquivalentError (exit 1) and leaves no DST.
+    raises NotEquivalentError (exit 1) and leaves no DST. HTML names a verdict page to write
+    (see `convert.verify.html`), also when verification fails.
     """
     src_path = Path(src)
     if os.fspath(src) == "-":
@@ -118,7 +119,12 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
         report = ConversionReport(str(src_path), str(plan.output.display), plan.layout, plan,
                                   dry_run, files=[str(f.path) for f in plan.output.files],
                                   warnings=[*getattr(ckpt, "notes", []), *plan.warnings])
+        command = "" if html is None else _command(
+            target, src, dst, dry_run=dry_run, overwrite=overwrite, format=format,
+            max_shard_size=max_shard_size, verify=verify, device=device, html=html,
+            **selection_options)
         if dry_run:
+            _write_conversion_page(html, report, command)
             return report
         if verify:
             _import_torch_in_background()
@@ -129,9 +135,10 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
         if output.format == "onnx":
             from .onnx_export import write_onnx
 
-            result = write_onnx(plan, ckpt, model=model, input_shape=input_shape,
-                                input_dtype=input_dtype, opset=opset, verify=verify)
-            return _finish_report(report, result)
+            result = _with_page(html, report, command, lambda: write_onnx(
+                plan, ckpt, model=model, input_shape=input_shape, input_dtype=input_dtype,
+                opset=opset, verify=verify))
+            return _finish_report(report, result, html, command)
 
         def check(paths: list[Path]) -> None:
             from .verify import pairs_from_plan, verify_checkpoints
@@ -143,11 +150,13 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
                     dst_layout=plan.layout, pairing="the plan", device=device)
             report.verification.raise_if_different()
 
-        result = apply_plan(plan, ckpt, check if verify else None, progress=progress)
-    return _finish_report(report, result)
+        result = _with_page(html, report, command, lambda: apply_plan(
+            plan, ckpt, check if verify else None, progress=progress))
+    return _finish_report(report, result, html, command)
 
 
-def _finish_report(report: ConversionReport, result: Any) -> ConversionReport:
+def _finish_report(report: ConversionReport, result: Any, html: str | Path | None = None,
+                   command: str = "") -> ConversionReport:
     report.files = [str(p) for p in result.files]
     report.keys_written = result.keys_written
     report.bytes_written = result.bytes_written
@@ -156,7 +165,39 @@ def _finish_report(report: ConversionReport, result: Any) -> ConversionReport:
     report.warnings += result.warnings
     if result.verification is not None:
         report.verification = result.verification
+    _write_conversion_page(html, report, command)
     return report
+
+
+def _command(target: Layout | None, *args: Any, **kwargs: Any) -> str:
+    from .verify.html import command_line
+
+    name = "export" if target is None else target.command.replace("-", "_")
+    return command_line(name, *args, **kwargs)
+
+
+def _with_page(html: str | Path | None, report: ConversionReport, command: str,
+               run: Callable[[], Any]) -> Any:
+    """RUN the conversion; if its verification fails, write the verdict page before the
+    error goes on (that is when people look), and let the error carry the report."""
+    from .errors import NotEquivalentError
+
+    try:
+        return run()
+    except NotEquivalentError as e:
+        if e.report is not None:
+            report.verification = e.report
+        e.conversion = report
+        _write_conversion_page(html, report, command)
+        raise
+
+
+def _write_conversion_page(html: str | Path | None, report: ConversionReport,
+                           command: str) -> None:
+    if html is not None:
+        from .verify.html import conversion_section, write_html
+
+        write_html(html, [conversion_section(report)], command=command)
 
 
 def _import_torch_in_background() -> None:
@@ -200,13 +241,20 @@ def verify(src: str | Path, dst: str | Path, *, selection: Selection | None = No
            batch_size: int = 8, seed: int = 0, source_model: str | None = None,
            target_model: str | None = None, input_shape: Sequence[Sequence[int]] = (),
            input_dtype: str = "float32", input_high: int | None = None,
+           logits: str | None = None, reference: str | None = None,
+           min_cosine: float | None = None, max_kl: float | None = None,
+           min_top1: float | None = None, html: str | Path | None = None,
            **selection_options: Any) -> VerifyReport:
     """Check that DST computes what SRC computes; returns the report (see `VerifyReport`).
 
     Pairs come from DST's provenance, else the selection options, else names and transposed
-    shapes. With `source_model` and `target_model` the two models are compared whole.
+    shapes. With `source_model` and `target_model` the two models are compared whole, with
+    each output's figures (cosine; top-1 and KL for `logits`), gated by `min_cosine`, `max_kl`
+    and `min_top1` where given. `reference="float64"` also runs the source side in float64
+    and reports each side's distance from it. HTML names a verdict page to write (also when
+    DST is not equivalent).
     """
-    from .verify import pair_keys, verify_checkpoints, verify_models
+    from .verify.models import check_gates
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
@@ -219,36 +267,75 @@ def verify(src: str | Path, dst: str | Path, *, selection: Selection | None = No
     if bool(source_model) != bool(target_model):
         raise UsageError("whole-model verification needs both --source-model and "
                          "--target-model.")
+    gates = check_gates({"min_cosine": min_cosine, "max_kl": max_kl, "min_top1": min_top1},
+                        reference)
+    if (gates or logits is not None) and not source_model:
+        raise UsageError("--logits, --min-cosine, --max-kl and --min-top1 judge whole-model "
+                         "outputs: give --source-model and --target-model (and --input-shape).")
     selection = selection_from(selection, selection_options)
+    report, provenance = _verify(src, dst, selection, state_dict_key, allow_global, device,
+                                 atol, rtol, batch_size, seed, source_model, target_model,
+                                 input_shape, input_dtype, input_high, logits, reference, gates)
+    if html is not None:
+        from .verify.html import command_line, verification_section, write_html
+
+        command = command_line("verify", src, dst, device=device, atol=atol, rtol=rtol,
+                               source_model=source_model, target_model=target_model,
+                               input_shape=list(input_shape), logits=logits,
+                               reference=reference, html=html, **gates, **selection_options)
+        write_html(html, [verification_section(report, provenance=provenance)],
+                   command=command)
+    return report
+
+
+def _verify(src: str | Path, dst: str | Path, selection: Selection, state_dict_key: str | None,
+            allow_global: Sequence[str], device: str, atol: float | None, rtol: float | None,
+            batch_size: int, seed: int, source_model: str | None, target_model: str | None,
+            input_shape: Sequence[Sequence[int]], input_dtype: str, input_high: int | None,
+            logits: str | None, reference: str | None,
+            gates: Mapping[str, float]) -> tuple[VerifyReport, dict[str, Any] | None]:
+    """`verify`'s checks, and DST's provenance in words where it has one."""
+    from .verify import pair_keys, verify_checkpoints, verify_models
+
     src_key = state_dict_key if source_kind(Path(src)) == "pt" else None
     if Path(dst).suffix.lower() == ".onnx":
         from .verify import verify_onnx_layers
 
         with open_checkpoint(src, state_dict_key=src_key, allow_globals=allow_global) as s:
+            if reference:
+                raise UsageError(f"--reference applies to checkpoints, not to the ONNX file "
+                                 f"'{dst}'; leave it out.")
             return verify_onnx_layers(s, Path(dst), seed=seed, batch_size=batch_size,
-                                      atol=atol, rtol=rtol)
+                                      atol=atol, rtol=rtol), None
     dst_key = state_dict_key if source_kind(Path(dst)) == "pt" else None
     with open_checkpoint(src, state_dict_key=src_key, allow_globals=allow_global) as s, \
             open_checkpoint(dst, state_dict_key=dst_key, allow_globals=allow_global) as d:
+        prov = d.provenance
+        provenance = None if prov is None else {
+            "layout": prov.layout.value, "written from": prov.source_name,
+            "source SHA-256": prov.source_sha256, "options hash": prov.options_hash,
+            "tool version": prov.tool_version}
         if source_model and target_model:
             report = verify_models(s, d, source_model=source_model, target_model=target_model,
                                    input_shapes=[tuple(x) for x in input_shape],
                                    input_dtype=input_dtype, input_high=input_high,
-                                   device=device, seed=seed, atol=atol, rtol=rtol)
-            if d.provenance is not None:  # per-layer pairs that need no guess
+                                   device=device, seed=seed, atol=atol, rtol=rtol,
+                                   logits=logits, reference=reference, **gates)
+            if prov is not None:  # per-layer pairs that need no guess
                 pairs, dropped, layout, how = pair_keys(s, d)
                 layers_report = verify_checkpoints(s, d, pairs=pairs, dropped=dropped,
                                                    dst_layout=layout, pairing=how,
                                                    device=device, batch_size=batch_size,
-                                                   seed=seed, atol=atol, rtol=rtol)
+                                                   seed=seed, atol=atol, rtol=rtol,
+                                                   reference=reference)
                 report = replace(report, results=[*report.results, *layers_report.results],
                                  pairing=f"{report.pairing} and DST's provenance")
-            return report
-        reference = build_reference(selection.model) if selection.model else None
-        pairs, dropped, layout, how = pair_keys(s, d, selection, reference)
+            return report, provenance
+        model = build_reference(selection.model) if selection.model else None
+        pairs, dropped, layout, how = pair_keys(s, d, selection, model)
         return verify_checkpoints(s, d, pairs=pairs, dropped=dropped, dst_layout=layout,
                                   pairing=how, device=device, batch_size=batch_size, seed=seed,
-                                  atol=atol, rtol=rtol)
+                                  atol=atol, rtol=rtol, reference=reference), provenance
 
 
 # --- inspect --------------------------------------------------------------------------------
@@ -353,11 +440,12 @@ _OPTIONS = {"layers", "exclude", "drop", "rename", "stack", "split", "rules", "p
             "overwrite", "report", "junit", "format", "max-shard-size", "input-shape",
             "input-dtype", "input-high", "opset", "external-data", "layout", "atol", "rtol",
             "batch-size", "seed", "source-model", "target-model", "manifest", "direction",
-            "out-dir", "jobs", "shard", "force", "fail-fast"}
+            "out-dir", "jobs", "shard", "force", "fail-fast", "html", "logits", "reference",
+            "min-cosine", "max-kl", "min-top1"}
 _VALUED = ("model", "preset", "rules", "format", "layout", "state-dict-key", "max-shard-size",
            "opset", "input-shape", "input-dtype", "input-high", "atol", "rtol", "device",
            "source-model", "target-model", "batch-size", "seed", "jobs", "shard", "out-dir",
-           "manifest")
+           "manifest", "html", "logits", "reference", "min-cosine", "max-kl", "min-top1")
 
 
 def keyword_message(text: str) -> str:

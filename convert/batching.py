@@ -63,9 +63,13 @@ class ItemResult:
     source_sha256: str = ""
     options_hash: str = ""
     verified: bool | None = None
+    # the item's verdict-page section (its plan and verification), kept only for --html
+    section: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["section"]
+        return d
 
 
 @dataclass
@@ -293,9 +297,11 @@ def _already_done(item: Item, journal: dict[str, dict[str, Any]], sha: str,
 
 
 def run_item(item: Item, journal_entry: dict[str, Any] | None, force: bool, overwrite: bool,
-             verify: bool, allow_global: tuple[str, ...]) -> ItemResult:
-    """Convert one item (in a worker); never raises for a bad item."""
+             verify: bool, allow_global: tuple[str, ...], page: bool = False) -> ItemResult:
+    """Convert one item (in a worker); never raises for a bad item. With PAGE the result keeps
+    the item's verdict-page section."""
     from .api import convert
+    from .errors import NotEquivalentError
 
     start = time.perf_counter()
     res = ItemResult(item.source, item.destination, item.direction, "failed", 70)
@@ -327,8 +333,16 @@ def run_item(item: Item, journal_entry: dict[str, Any] | None, force: bool, over
         if report.source_sha256:
             res.source_sha256 = report.source_sha256
         res.message = "; ".join(report.warnings)
+        if page:
+            from .verify.html import conversion_section
+
+            res.section = conversion_section(report, title=item.source)
     except ConvertError as e:
         res.exit_code, res.message = e.exit_code, str(e)
+        if page and isinstance(e, NotEquivalentError) and e.conversion is not None:
+            from .verify.html import conversion_section
+
+            res.section = conversion_section(e.conversion, title=item.source)
     except Exception as e:  # noqa: BLE001 - one bad item must not stop the batch
         res.exit_code, res.message = 70, f"internal error ({type(e).__name__}: {e})"
     finally:
@@ -390,8 +404,10 @@ def default_jobs() -> int:
 def run_batch(items: list[Item], *, jobs: int | None = None, out_dir: Path | None = None,
               force: bool = False, overwrite: bool = False, fail_fast: bool = False,
               verify: bool = True, allow_global: tuple[str, ...] = (), shard: str = "",
-              on_result: Callable[[ItemResult], None] | None = None) -> BatchReport:
-    """Convert ITEMS with JOBS worker processes; ON_RESULT sees each result as it finishes."""
+              on_result: Callable[[ItemResult], None] | None = None,
+              page: bool = False) -> BatchReport:
+    """Convert ITEMS with JOBS worker processes; ON_RESULT sees each result as it finishes;
+    with PAGE each result keeps its verdict-page section."""
     jobs = jobs or default_jobs()
     report = BatchReport(shard=shard, jobs=jobs)
     start = time.perf_counter()
@@ -406,7 +422,7 @@ def run_batch(items: list[Item], *, jobs: int | None = None, out_dir: Path | Non
             on_result(res)
 
     args = [(it, journal.get(os.path.abspath(it.destination)), force, overwrite, verify,
-             allow_global) for it in items]
+             allow_global, page) for it in items]
     if jobs == 1 or len(items) <= 1:
         for a in args:
             res = run_item(*a)
@@ -510,12 +526,13 @@ def batch(sources: Sequence[str | Path] = (), *, manifest: str | Path | None = N
           overwrite: bool = False, fail_fast: bool = False, verify: bool = True,
           allow_global: Sequence[str] = (),
           on_result: Callable[[ItemResult], None] | None = None,
-          on_plan: Callable[[int], None] | None = None,
+          on_plan: Callable[[int], None] | None = None, html: str | Path | None = None,
           **options: Any) -> BatchReport:
     """Convert many checkpoints (see `linconvert batch --help`); returns the BatchReport.
 
     `options` are the selection options applied to every item (`layers`, `rules`, `preset`,
-    ...); manifest rows may add their own.
+    ...); manifest rows may add their own. HTML names a verdict page to write: one row per
+    item, linking to the item's own section (its plan and verification).
     """
     unknown = set(options) - set(_ITEM_OPTIONS)
     if unknown:
@@ -542,7 +559,31 @@ def batch(sources: Sequence[str | Path] = (), *, manifest: str | Path | None = N
                 from .selection import load_rules
 
                 load_rules(Path(it.option_dict()["rules"]))
-    return run_batch(items, jobs=jobs, out_dir=out, force=force, overwrite=overwrite,
-                     fail_fast=fail_fast, verify=verify, allow_global=tuple(allow_global),
-                     shard=shard or "", on_result=on_result)
+    report = run_batch(items, jobs=jobs, out_dir=out, force=force, overwrite=overwrite,
+                       fail_fast=fail_fast, verify=verify, allow_global=tuple(allow_global),
+                       shard=shard or "", on_result=on_result, page=html is not None)
+    if html is not None:
+        write_batch_page(Path(html), report, sources, manifest=manifest, direction=direction,
+                         out_dir=out_dir, jobs=jobs, shard=shard, force=force,
+                         overwrite=overwrite, fail_fast=fail_fast, verify=verify, html=html,
+                         **options)
+    return report
+
+
+def write_batch_page(path: Path, report: BatchReport, sources: Sequence[str | Path],
+                     **options: Any) -> None:
+    """The batch's verdict page: one row per item, each linking to its own section."""
+    from .report import render_batch_summary
+    from .verify.html import command_line, write_html
+
+    sections = [r.section or {"title": r.source, "ok": not r.exit_code,
+                              "verdict": f"{r.status}: {r.message or 'no verification ran'}",
+                              "facts": [("source", r.source), ("destination", r.destination),
+                                        ("direction", r.direction)],
+                              "warnings": [], "plan": None, "verification": None}
+                for r in report.items]
+    verdict = render_batch_summary(report).removeprefix("linconvert: ")
+    write_html(path, sections, command=command_line("batch", *sources, **options),
+               batch={"ok": report.exit_code == 0, "verdict": verdict,
+                      "items": [r.to_dict() for r in report.items]})
 

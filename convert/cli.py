@@ -134,6 +134,12 @@ def report_option(f: Callable[..., Any]) -> Callable[..., Any]:
                         help="Write the plan and outcome (or the report) as JSON to this file.")(f)
 
 
+def html_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--html", type=click.Path(dir_okay=False, path_type=Path),
+                        help="Write a self-contained verdict page (HTML, no network) to this "
+                             "file, also when verification fails.")(f)
+
+
 def input_options(mode: str) -> Callable[..., Any]:
     """The example inputs of a whole model (ONNX export with --model; whole-model verify)."""
     return options(
@@ -211,6 +217,7 @@ def _conversion_command(name: str, layout_name: str | None, doc: str) -> None:
     @device_option
     @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
     @report_option
+    @html_option
     @click.option("--opset", type=click.IntRange(min=13),
                   help="ONNX opset (default 18).")
     @click.option("--external-data", is_flag=True,
@@ -297,9 +304,25 @@ _conversion_command("export", None,
 @input_options("Whole-model mode")
 @click.option("--input-high", type=click.IntRange(min=1),
               help="Whole-model mode: integer inputs are drawn from [0, N).")
+@click.option("--logits", metavar="NAME",
+              help="Whole-model mode: the output that is logits, by name or position (e.g. 0), "
+                   "where none is named 'logits'.")
+@click.option("--min-cosine", type=float, metavar="X",
+              help="Whole-model mode: fail an output whose cosine similarity is below X "
+                   "(instead of the element-wise tolerance).")
+@click.option("--max-kl", type=click.FloatRange(min=0), metavar="X",
+              help="Whole-model mode: fail logits whose KL(softmax src || softmax dst), mean over "
+                   "rows, exceeds X.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), metavar="X",
+              help="Whole-model mode: fail logits whose top-1 agreement (fraction of rows) is "
+                   "below X.")
+@click.option("--reference", type=click.Choice(["float32", "float64"]),
+              help="Also run the source side in this dtype and report each side's distance "
+                   "from it.")
 @report_option
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report as JUnit XML (one test case per layer).")
+@html_option
 @verbosity
 def verify_cmd(src: Path, dst: Path, report_path: Path | None, junit_path: Path | None,
                **options: Any) -> None:
@@ -318,7 +341,9 @@ def verify_cmd(src: Path, dst: Path, report_path: Path | None, junit_path: Path 
         write_junit(junit_path, report)
     if not report.equivalent:
         raise NotEquivalentError(f"'{dst}' is not equivalent to '{src}': "
-                                 + ", ".join(f"'{r.name}'" for r in report.failures[:10])
+                                 + ", ".join(f"'{r.name}'" + (f" ({r.message})" if r.figures
+                                                              and r.figures.gated else "")
+                                             for r in report.failures[:10])
                                  + (" and more" if len(report.failures) > 10 else "") + ".")
 
 
@@ -340,6 +365,7 @@ def verify_cmd(src: Path, dst: Path, report_path: Path | None, junit_path: Path 
               help="Replace existing outputs that no journal or provenance accounts for.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
 @report_option
+@html_option
 @output_options
 @selection_options
 @verbosity
@@ -432,6 +458,19 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (the one handler that maps outcomes)."""
+    import shlex
+
+    from .verify.html import COMMAND
+
+    # what made a verdict page: this command line, for this run only
+    token = COMMAND.set(shlex.join(["linconvert", *(sys.argv[1:] if argv is None else argv)]))
+    try:
+        return _run(argv)
+    finally:
+        COMMAND.reset(token)
+
+
+def _run(argv: list[str] | None) -> int:
     settings = Settings()
     if "logging" in sys.modules:  # a previous run's -v (in-process callers, tests)
         sys.modules["logging"].getLogger("linconvert").setLevel(0)

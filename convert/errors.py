@@ -10,9 +10,11 @@ class ConvertError(Exception):
 
 
 class NotEquivalentError(ConvertError):
-    """Verification found a difference; `report` holds the full VerifyReport when known."""
+    """Verification found a difference; `report` holds the full VerifyReport when known, and
+    `conversion` the ConversionReport (its plan) of a conversion that failed its check."""
 
     exit_code = 1
+    conversion: object = None
 
     def __init__(self, message: str, report: object = None):
         super().__init__(message)

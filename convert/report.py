@@ -96,16 +96,48 @@ def render_verify(report: Any) -> str:
         rows.append(["ok" if r.passed else "FAIL", r.kind, r.name, r.dtype,
                      _shape(r.shape) if r.shape else "-", _num(r.max_abs_err), _num(r.rel_err),
                      _num(r.atol_needed), exact, r.message])
+    verdict = verdict_line(report)
+    figures = render_figures(report)
+    return table(["result", "kind", "name", "dtype", "shape", "max_abs", "rel_err",
+                  "atol_needed", "bit_exact", "note"], rows) + "\n" + \
+        (figures + "\n" if figures else "") + verdict
+
+
+def verdict_line(report: Any) -> str:
+    """The verdict of a VerifyReport in one line: what was proven, or how many checks failed."""
     layers = any(r.kind in ("layer", "onnx-layer") for r in report.results)
     proven = ("the two models compute the same outputs" if report.proven == "equivalence"
               else "DST matches its plan layer by layer" if layers
               else "every tensor of DST is SRC's, bit for bit")
     n = len(report.results)
-    verdict = (f"equivalent: {proven} ({n} check{'' if n == 1 else 's'}, pairs from "
-               f"{report.pairing}, device {report.device})" if report.equivalent else
-               f"NOT equivalent: {len(report.failures)} of {n} checks failed")
-    return table(["result", "kind", "name", "dtype", "shape", "max_abs", "rel_err",
-                  "atol_needed", "bit_exact", "note"], rows) + "\n" + verdict
+    return (f"equivalent: {proven} ({n} check{'' if n == 1 else 's'}, pairs from "
+            f"{report.pairing}, device {report.device})" if report.equivalent else
+            f"NOT equivalent: {len(report.failures)} of {n} checks failed")
+
+
+def _cos(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6f}"
+
+
+def render_figures(report: Any) -> str:
+    """The whole-model figures (and distances from a reference run) as a table, or ""."""
+    shown = [r for r in report.results if r.figures is not None]
+    if not shown:
+        return ""
+    ref = report.reference
+    headers = ["figures", "cosine", "top1", "kl"]
+    if ref:
+        headers += [f"src-vs-{ref} max_abs", "cosine", f"dst-vs-{ref} max_abs", "cosine"]
+    rows = []
+    for r in shown:
+        f = r.figures
+        row = [r.name, _cos(f.cosine), _num(f.top1), _num(f.kl)]
+        if ref:
+            for d in (f.source_vs_reference, f.target_vs_reference):
+                row += [_num(d.max_abs_err), _cos(d.cosine)] if d else ["-", "-"]
+        rows.append(row)
+    gates = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in report.gates.items())
+    return table(headers, rows) + (f"\ngates: {gates}" if gates else "")
 
 
 def write_junit(path: Path, report: Any) -> None:

@@ -23,7 +23,7 @@ from ..dtypes import DTYPES, is_float_weight, is_transposable, swapped
 from ..errors import UsageError
 from ..layout import Layout
 from .pairing import Pair
-from .report import CheckResult, VerifyReport
+from .report import CheckResult, Figures, VerifyReport
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -208,7 +208,8 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                   device: Any, batch_size: int, seed: int, atol: float | None,
                   rtol: float | None, member: tuple[int, ...] = (),
                   loaded: tuple[Any, Any] | None = None,
-                  companions: Sequence[tuple[str, str, Role]] = ()) -> CheckResult:
+                  companions: Sequence[tuple[str, str, Role]] = (),
+                  reference: str | None = None) -> CheckResult:
     """One linear layer: ParamLinear on the param side vs nn.Linear on the linear side.
 
     SHAPES maps SRC's keys to their shapes (to find the layer's bias). MEMBER picks one
@@ -305,8 +306,19 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
         y_param, y_lin = param(x), linear(x)
     expected, actual = (y_param, y_lin) if src_param else (y_lin, y_param)
     r_tol, a_tol = tolerance_for(compute, atol, rtol)
+    res.tolerance = (r_tol, a_tol, in_f)
     passed, res.max_abs_err, res.rel_err, res.atol_needed, msg = compare_outputs(
         actual, expected, in_f, r_tol, a_tol)
+    if reference:  # the source layer once more, in the reference dtype on the same inputs
+        from .figures import distance
+
+        ref = getattr(torch, reference)
+        w, b = w_src.to(device, ref), None if b_src is None else b_src.to(device, ref)
+        with torch.no_grad(), ieee_float32():
+            y_ref = x.to(ref) @ w if src_param else torch.nn.functional.linear(x.to(ref), w)
+        y_ref = y_ref if b is None else y_ref + b
+        res.figures = Figures(reference=reference, source_vs_reference=distance(expected, y_ref),
+                              target_vs_reference=distance(actual, y_ref))
     if not res.bit_exact:
         passed, msg = False, ("weight is not the bit-exact transpose of its source"
                               + (f"; {msg}" if msg else ""))
@@ -441,6 +453,7 @@ def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, bat
             linear_dst = linear_src != pair.transposed
             got = x @ (w_dst.t() if linear_dst else w_dst)
         r_tol, a_tol = tolerance_for(d.dtype, atol, rtol)
+        res.tolerance = (r_tol, a_tol, in_f)
         passed, res.max_abs_err, res.rel_err, res.atol_needed, msg = compare_outputs(
             got, want, in_f, r_tol, a_tol)
         res.passed, res.message = passed and res.bit_exact, msg
@@ -481,14 +494,16 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                        dropped: set[str] = frozenset(), dst_layout: Layout | None = None,
                        pairing: str = "", device: str = "cpu", batch_size: int = 8,
                        seed: int = 0, atol: float | None = None,
-                       rtol: float | None = None) -> VerifyReport:
-    """Check DST against SRC pair by pair; keys that pair with nothing are differences."""
+                       rtol: float | None = None, reference: str | None = None) -> VerifyReport:
+    """Check DST against SRC pair by pair; keys that pair with nothing are differences.
+    With REFERENCE ("float64") each layer's source side also runs in that dtype."""
     from ..companions import companion_map
     from ..selection import bias_evidence
 
     dev = resolve_device(device)
     report = VerifyReport(str(src.path), str(dst.path), str(dev), "plan", pairing,
-                          seed=seed, batch_size=batch_size, atol=atol, rtol=rtol)
+                          seed=seed, batch_size=batch_size, atol=atol, rtol=rtol,
+                          reference=reference or "")
     paired_src = {p.source for p in pairs} | {q[0] for p in pairs for q in p.parts}
     paired_dst = {p.target for p in pairs}
     for k in src.specs:
@@ -543,7 +558,7 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                 report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs,
                                                     shapes, dev, batch_size, seed, atol, rtol,
                                                     member, loaded,
-                                                    layer_comps.get(p.source, ())))
+                                                    layer_comps.get(p.source, ()), reference))
         else:
             report.results.append(_compare_exact(p, src, dst))
         src.release(p.source)

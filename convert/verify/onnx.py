@@ -152,6 +152,7 @@ def verify_onnx_layers(src: Checkpoint, model_path: Any, *, seed: int = 0, batch
             continue
         actual = torch.from_numpy(np.asarray(outputs[name]).astype(np.float64))
         r_tol, a_tol = tolerance_for(layer.dtype, atol, rtol)
+        res.tolerance = (r_tol, a_tol, layer.in_features)
         res.passed, res.max_abs_err, res.rel_err, res.atol_needed, res.message = \
             compare_outputs(actual, expected, layer.in_features, r_tol, a_tol)
     return report

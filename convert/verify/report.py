@@ -1,6 +1,7 @@
 """The verification report: one `CheckResult` per check, gathered in a `VerifyReport`.
 
-Its JSON form is `to_dict`; the text table and JUnit XML are in `convert.report`.
+Its JSON form is `to_dict`; the text table and JUnit XML are in `convert.report`, the HTML
+page in `convert.verify.html`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,42 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import NotEquivalentError
+
+
+@dataclass(frozen=True)
+class Distance:
+    """How far one side's output is from the reference run (`--reference float64`)."""
+
+    max_abs_err: float
+    cosine: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_abs_err": self.max_abs_err, "cosine": self.cosine}
+
+
+@dataclass
+class Figures:
+    """Whole-output figures: cosine similarity for every float output; for logits, top-1
+    agreement (the fraction of rows whose argmax agrees) and KL(softmax src || softmax dst),
+    the mean over rows in nats; each side's distance from the reference run, where one ran."""
+
+    cosine: float | None = None
+    logits: bool = False
+    top1: float | None = None
+    kl: float | None = None
+    reference: str = ""  # the reference run's dtype, e.g. "float64"
+    source_vs_reference: Distance | None = None
+    target_vs_reference: Distance | None = None
+    gated: tuple[str, ...] = ()  # the gates that judged this output (cosine, kl, top1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cosine": self.cosine, "logits": self.logits, "top1": self.top1, "kl": self.kl,
+                "reference": self.reference or None,
+                "source_vs_reference": (self.source_vs_reference.to_dict()
+                                        if self.source_vs_reference else None),
+                "target_vs_reference": (self.target_vs_reference.to_dict()
+                                        if self.target_vs_reference else None),
+                "gated": list(self.gated)}
 
 
 @dataclass
@@ -27,13 +64,19 @@ class CheckResult:
     atol_needed: float | None = None
     bit_exact: bool | None = None
     message: str = ""
+    figures: Figures | None = None
+    # (rtol, atol, in): an element passes when |a - b| <= atol * sqrt(in) + rtol * |b|
+    tolerance: tuple[float, float, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "kind": self.kind,
                 "passed": self.passed, "dtype": self.dtype, "shape": list(self.shape),
                 "max_abs_err": self.max_abs_err, "rel_err": self.rel_err,
                 "atol_needed": self.atol_needed, "bit_exact": self.bit_exact,
-                "message": self.message}
+                "message": self.message,
+                "tolerance": (dict(zip(("rtol", "atol", "in"), self.tolerance))
+                              if self.tolerance else None),
+                "figures": self.figures.to_dict() if self.figures else None}
 
 
 @dataclass
@@ -51,6 +94,8 @@ class VerifyReport:
     atol: float | None = None
     rtol: float | None = None
     warnings: list[str] = field(default_factory=list)
+    gates: dict[str, float] = field(default_factory=dict)  # min_cosine, max_kl, min_top1
+    reference: str = ""  # "float64": the source side also ran in it
 
     @property
     def equivalent(self) -> bool:
@@ -65,6 +110,7 @@ class VerifyReport:
                 "equivalent": self.equivalent, "proven": self.proven, "pairing": self.pairing,
                 "seed": self.seed, "batch_size": self.batch_size,
                 "atol": self.atol, "rtol": self.rtol, "warnings": self.warnings,
+                "gates": self.gates, "reference": self.reference or None,
                 "failures": [r.name for r in self.failures],
                 "results": [r.to_dict() for r in self.results]}
 
