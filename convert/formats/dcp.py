@@ -532,6 +532,9 @@ class DcpSource(Source):
             itemsize = self._itemsize[key]
             n = t.numel() * itemsize
             begin = t.storage_offset() * itemsize
+            if record is None:  # a torch that does not say where the record lies: decode
+                self._layouts[c] = None
+                return None
             if not isinstance(record, int) or record + storage.nbytes() > c.length \
                     or begin + n > storage.nbytes():
                 raise CorruptInputError(f"{self._where(key, c)}: its chunk's data record lies "
