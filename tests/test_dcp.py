@@ -4,7 +4,6 @@ read tensor by tensor, compared with torch's `dcp_to_torch_save`; hostile and da
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 
 from convert.checkpoint import open_checkpoint
 from convert.formats.dcp import as_protocol_2
+from tests.test_hostile import _Payload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP: "assuming one process"
 
@@ -242,14 +242,6 @@ def test_batch_takes_a_dcp_folder(tmp_path: Path, runner) -> None:
 
 
 # --- hostile and damaged folders ------------------------------------------------------------
-
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
 
 class _Exec:
     def __init__(self, marker: Path):

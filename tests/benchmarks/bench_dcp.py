@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import linconvert, print_table, run  # noqa: E402
+from bench_convert import interleave, linconvert, print_ratios, print_table  # noqa: E402
 
 NAIVE = """
 import sys, tempfile, torch
@@ -93,19 +93,12 @@ def main() -> None:
             "linconvert to-linear, verified": [*lc, "to-linear", str(src), "-o", str(out),
                                                *common],
         }
-        results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
-        for _ in range(args.repeat):  # interleaved: every case once per round
-            for name, cmd in cases.items():
-                out.unlink(missing_ok=True)
-                results[name].append(run(cmd))
+        results = interleave(cases, args.repeat, (out,))
         size = sum(p.stat().st_size for p in src.iterdir()) / 1e6
         print(f"\n## DCP folder: {args.layers} x {args.d}x{args.d} float32 + biases, "
               f"{args.ranks} rank(s), {size:.0f} MB, {args.repeat} rounds (median (min-max))\n")
-        med = print_table(results)
-        naive, ours = med["naive: dcp_to_torch_save, load, .t(), save"], \
-            med["linconvert to-linear --no-verify"]
-        print(f"\n- wall / naive: {ours[0] / naive[0]:.2f}; peak RSS / naive: "
-              f"{ours[1] / naive[1]:.2f}")
+        print_ratios(print_table(results), "naive: dcp_to_torch_save, load, .t(), save",
+                     "linconvert to-linear --no-verify")
     finally:
         if args.workdir is None:
             shutil.rmtree(folder, ignore_errors=True)
