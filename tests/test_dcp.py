@@ -128,6 +128,19 @@ def test_nested_state_reads_like_dcp_to_torch_save(tmp_path: Path) -> None:
         assert list(ckpt.specs) == list(sd)
 
 
+def test_metadata_path_as_src_writes_beside_the_folder(tmp_path: Path, runner) -> None:
+    sd = _model_sd()
+    src = save_dcp(tmp_path / "step-5", torchtitan_state(sd))
+    r = runner("to-linear", src / ".metadata", "--dry-run")
+    assert r.exit_code == 0 and "step-5.linear.safetensors" in r.stdout, r.stdout + r.stderr
+    r = runner("to-linear", src / ".metadata")
+    assert r.exit_code == 0, r.stderr
+    assert "'optimizer'" in r.stderr and "not kept in safetensors" in r.stderr
+    out = load_file(tmp_path / "step-5.linear.safetensors")
+    assert torch.equal(out["fc2.weight"], sd["fc2.weight"].t())
+    assert runner("to-linear", src).exit_code == 5  # exists: refused without --overwrite
+
+
 def test_flat_state_and_state_dict_key(tmp_path: Path, runner) -> None:
     sd = _model_sd()
     flat = save_dcp(tmp_path / "flat", dict(sd))
@@ -318,6 +331,13 @@ def test_metadata_not_dcps_exit_4(tmp_path: Path, runner, content) -> None:
     r = runner("inspect", src)
     assert r.exit_code == 4, r.stderr
     assert ".metadata" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_metadata_with_a_non_string_key_exit_4(tmp_path: Path, runner) -> None:
+    src = save_dcp(tmp_path / "ck", {"model": _model_sd()})
+    _rewrite_metadata(src, lambda md: md.state_dict_metadata.update({7: None}))
+    r = runner("inspect", src)
+    assert r.exit_code == 4 and ".metadata" in r.stderr and "int" in r.stderr
 
 
 def test_transform_descriptor_exit_4_naming_it(tmp_path: Path, runner) -> None:

@@ -213,6 +213,10 @@ def read_metadata(path: Path, allow_globals: Sequence[str] = ()) -> Any:
             or not isinstance(md.storage_data, dict):
         raise CorruptInputError(f"'{path}' holds a {type(md).__name__}, not the Metadata of a "
                                 "torch.distributed.checkpoint folder.")
+    bad = next((k for k in md.state_dict_metadata if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CorruptInputError(f"'{path}' names an entry by a {type(bad).__name__}, not a "
+                                "string key; it is not DCP's metadata.")
     return md
 
 
