@@ -6,7 +6,8 @@ where each chunk lies (a `.distcp` file, an offset, a length). `pickle.dump` wri
 protocol 4, which torch's weights_only unpickler does not parse, so its opcodes are first
 rewritten into protocol 2 (`STACK_GLOBAL` into `GLOBAL`, framing and memo shorthands dropped:
 pure parsing, nothing runs) and then unpickled by that unpickler, allowing exactly DCP's
-metadata classes: a global outside them is refused (exit 3) and no code runs.
+metadata classes, by name, as inert stand-ins: a global outside them is refused (exit 3) and no
+code runs.
 
 Each chunk is a `torch.save` blob (a zip archive) inside its `.distcp`; its storage record is
 located with `torch.load(map_location="meta")`, which reads no tensor data, and read with pread.
@@ -64,17 +65,79 @@ def dcp_folder(path: Path) -> Path:
 
 # --- .metadata --------------------------------------------------------------------------------
 
+class _Record:
+    """An inert stand-in for one of DCP's metadata dataclasses: unpickling fills its fields
+    (`BUILD` with a dict) and runs none of DCP's code, and reading `.metadata` imports no
+    torch.distributed (which a torch build may lack)."""
+
+
+class _Metadata(_Record):
+    state_dict_metadata: Any = None
+    planner_data: Any = None
+    storage_data: Any = None
+
+
+class _TensorStorageMetadata(_Record):
+    pass
+
+
+class _BytesStorageMetadata(_Record):
+    pass
+
+
+class _ChunkStorageMetadata(_Record):
+    pass
+
+
+class _TensorProperties(_Record):
+    def __setstate__(self, state: tuple) -> None:  # DCP pickles (dtype, layout, ...)
+        self.dtype = state[0]
+
+
+class _MetadataIndex(_Record):
+    """A key of `storage_data`: equal by fqn and offset, as DCP's frozen dataclass."""
+
+    @classmethod
+    def of(cls, fqn: str, offset: Sequence[int]) -> _MetadataIndex:
+        out = cls()
+        out.fqn, out.offset = fqn, tuple(offset)
+        return out
+
+    def _ident(self) -> tuple:
+        offset = getattr(self, "offset", None)
+        return (getattr(self, "fqn", None), None if offset is None else tuple(offset))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _MetadataIndex) and self._ident() == other._ident()
+
+    def __hash__(self) -> int:
+        return hash(self._ident())
+
+
+def _mem_format(value: int) -> int:
+    """DCP's `_MEM_FORMAT_ENCODING(value)`: the value alone (memory formats are not used)."""
+    return value
+
+
+_DCP = "torch.distributed.checkpoint"
+_STAND_INS = {f"{_DCP}.metadata.Metadata": _Metadata,
+              f"{_DCP}.metadata.TensorStorageMetadata": _TensorStorageMetadata,
+              f"{_DCP}.metadata.BytesStorageMetadata": _BytesStorageMetadata,
+              f"{_DCP}.metadata.ChunkStorageMetadata": _ChunkStorageMetadata,
+              f"{_DCP}.metadata.TensorProperties": _TensorProperties,
+              f"{_DCP}.metadata._MEM_FORMAT_ENCODING": _mem_format,
+              f"{_DCP}.metadata.MetadataIndex": _MetadataIndex,
+              f"{_DCP}.metadata.StorageMeta": _Record,
+              f"{_DCP}.filesystem._StorageInfo": _Record}
+
+
 def _metadata_globals() -> list[object]:
-    """Exactly the classes DCP's `.metadata` is made of (torch.Size and dtypes are allowed by
-    torch's unpickler already)."""
+    """Exactly the globals DCP's `.metadata` is made of, DCP's classes by their names as inert
+    stand-ins (torch.Size and dtypes are allowed by torch's unpickler already)."""
     import pathlib
 
-    from torch.distributed.checkpoint import filesystem, metadata
-
-    return [metadata.Metadata, metadata.TensorStorageMetadata, metadata.BytesStorageMetadata,
-            metadata.ChunkStorageMetadata, metadata.TensorProperties,
-            metadata._MEM_FORMAT_ENCODING, metadata.MetadataIndex, metadata.StorageMeta,
-            filesystem._StorageInfo, pathlib.PosixPath, pathlib.PurePosixPath]
+    return [*((obj, name) for name, obj in _STAND_INS.items()), pathlib.PosixPath,
+            pathlib.PurePosixPath]
 
 
 _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
@@ -177,11 +240,6 @@ def read_metadata(path: Path, allow_globals: Sequence[str] = ()) -> Any:
                                f"its weights_only unpickler has known memory-corruption bugs "
                                f"before {MIN_TORCH}; upgrade torch (pip install 'torch>="
                                f"{MIN_TORCH}').")
-    if not torch.distributed.is_available():
-        raise UsageError(f"reading '{path}' needs torch.distributed, which this torch build "
-                         "lacks; install a torch build with distributed support.")
-    from torch.distributed.checkpoint.metadata import Metadata
-
     allowed = [*_metadata_globals(), *resolve_globals(allow_globals)]
     try:
         with open_regular(path) as f:
@@ -209,7 +267,7 @@ def read_metadata(path: Path, allow_globals: Sequence[str] = ()) -> Any:
             AttributeError, UnicodeDecodeError, MemoryError, struct.error, RecursionError,
             NotImplementedError, AssertionError) as e:
         raise CorruptInputError(f"'{path}' is not DCP's metadata: {reason(e)}.") from e
-    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
+    if not isinstance(md, _Metadata) or not isinstance(md.state_dict_metadata, dict) \
             or not isinstance(md.storage_data, dict):
         raise CorruptInputError(f"'{path}' holds a {type(md).__name__}, not the Metadata of a "
                                 "torch.distributed.checkpoint folder.")
@@ -250,10 +308,9 @@ def _find_state_dict(md: Any, path: Path, state_dict_key: str | None
                      ) -> tuple[dict[str, str], list[str]]:
     """key -> fqn of the state dict's tensors, and the names of everything else (extras),
     found as `torch_pt.find_state_dict` finds a nested `.pt` checkpoint's."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     paths = _key_paths(md)
-    is_tensor = {f: isinstance(m, TensorStorageMetadata) for f, m in md.state_dict_metadata.items()}
+    is_tensor = {f: isinstance(m, _TensorStorageMetadata)
+                 for f, m in md.state_dict_metadata.items()}
     top = list(dict.fromkeys(p[0] for p in paths.values()))
     if state_dict_key:
         prefix = tuple(state_dict_key.split("."))
@@ -297,7 +354,6 @@ def _check_chunks(meta_path: Path, key: str, fqn: str, tmeta: Any, storage: dict
                   sizes: dict[str, int]) -> tuple[tuple[int, ...], str, int, list[_Chunk]]:
     """KEY's shape, dtype, item size and chunks, every one checked against the file holding it."""
     import torch
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
     where = f"'{meta_path}': key '{shorten(key)}'"
     props = getattr(tmeta, "properties", None)
@@ -312,7 +368,7 @@ def _check_chunks(meta_path: Path, key: str, fqn: str, tmeta: Any, storage: dict
     chunks = []
     volume = 0
     for c in chunks_meta:
-        ok = isinstance(c, ChunkStorageMetadata)
+        ok = isinstance(c, _ChunkStorageMetadata)
         offsets = _dims(getattr(c, "offsets", None)) if ok else None
         csize = _dims(getattr(c, "sizes", None)) if offsets is not None else None
         if csize is None or len(offsets) != len(shape) or len(csize) != len(shape) or any(
@@ -320,7 +376,7 @@ def _check_chunks(meta_path: Path, key: str, fqn: str, tmeta: Any, storage: dict
             raise CorruptInputError(f"{where} has a chunk outside its shape {list(shape)}.")
         n = _numel(csize)
         volume += n
-        info = storage.get(MetadataIndex(fqn, offsets))
+        info = storage.get(_MetadataIndex.of(fqn, offsets))
         if info is None:
             raise CorruptInputError(f"{where} has a chunk at offsets {list(offsets)} that the "
                                     "metadata stores nowhere; re-copy the checkpoint folder.")
