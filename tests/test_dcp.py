@@ -153,6 +153,22 @@ def test_flat_state_and_state_dict_key(tmp_path: Path, runner) -> None:
         assert list(ckpt.specs) == list(sd) and ckpt.extras == ["step"]
     r = runner("inspect", nested, "--state-dict-key", "train.nope")
     assert r.exit_code == 2 and "train.nope" in r.stderr
+    dst = tmp_path / "ema.safetensors"
+    assert runner("to-linear", nested, "--state-dict-key", "train.ema", "-o", dst).exit_code == 0
+    assert runner("verify", nested, dst, "--state-dict-key", "train.ema").exit_code == 0
+
+
+def test_one_file_per_tensor(tmp_path: Path) -> None:
+    sd = _model_sd()
+    src = tmp_path / "ck"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": sd}, storage_writer=FileSystemWriter(src, single_file_per_rank=False))
+    assert len(list(src.glob("*.distcp"))) == len(sd)
+    with open_checkpoint(src) as ckpt:
+        assert len(ckpt.files) == 1 + len(sd)
+        for k, v in sd.items():
+            assert torch.equal(ckpt.tensor(k), v)
 
 
 def test_transposed_view_and_bfloat16_kept(tmp_path: Path, runner) -> None:
