@@ -389,7 +389,11 @@ def test_chunks_that_do_not_tile_exit_4(tmp_path: Path, runner, fault) -> None:
 
 
 def test_protocol_2_rewrite_keeps_the_value() -> None:
-    value = {"a": [1, 2.5, "x" * 300, ("t", None, True)], "b": {"a": "a"}, "c": -2**70}
+    from collections import OrderedDict
+
+    value = {"a": [1, 2.5, "x" * 300, ("t", None, True)], "b": {"a": "a"}, "c": -2**70,
+             "d": [torch.Size([2, 3]), torch.float32, torch.bfloat16, torch.Size([4]),
+                   OrderedDict(x=1), OrderedDict(torch="float32")], "torch": "Size"}
     for protocol in (2, 3, 4, 5):
         plain = as_protocol_2(pickle.dumps(value, protocol=protocol))
         from torch._weights_only_unpickler import Unpickler

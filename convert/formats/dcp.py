@@ -149,75 +149,64 @@ def as_protocol_2(data: bytes) -> bytes:
     """DATA, a pickle of protocol 2 to 5, rewritten into the protocol 2 opcodes torch's
     weights_only unpickler reads: `STACK_GLOBAL` becomes `GLOBAL` (its two strings taken from
     the opcodes that push them), `FRAME` is dropped, `MEMOIZE` becomes an explicit put and
-    short strings become `BINUNICODE`. Only parses; other opcodes are copied for torch's
-    unpickler to accept or refuse.
+    short strings become `BINUNICODE`. Only parses, in one pass; other opcodes are copied for
+    torch's unpickler to accept or refuse (the allow-list is its, and applies to every global).
 
     Raises:
         ValueError: DATA is not a complete pickle, or a `STACK_GLOBAL` whose names are not
             two strings pushed just before it.
     """
     ops = list(pickletools.genops(io.BytesIO(data)))
-    memo_str: dict[int, str] = {}
-    consumed: set[int] = set()
-    count = 0
-    last = -1  # the op whose value a MEMOIZE stores
-    for i, (op, arg, _) in enumerate(ops):
-        if op.name == "MEMOIZE":
-            if last >= 0 and ops[last][0].name in _STRINGS:
-                memo_str[count] = ops[last][1]
-            count += 1
-        elif op.name in _PUTS:
-            if last >= 0 and ops[last][0].name in _STRINGS:
-                memo_str[arg] = ops[last][1]
-        elif op.name == "STACK_GLOBAL":
-            args = [j for j in range(i - 1, -1, -1)
-                    if ops[j][0].name not in ("FRAME", "MEMOIZE", *_PUTS)][:2]
-            if len(args) != 2 or not all(_string_of(ops[j], memo_str) is not None for j in args):
-                raise ValueError("a STACK_GLOBAL whose module and name are not plain strings")
-            consumed.update(args)
-        if op.name not in ("FRAME", "MEMOIZE", *_PUTS):
-            last = i
     out = io.BytesIO()
+    memo_str: dict[int, str] = {}  # memo slots that hold a string, as the pickle stands now
+    # the last strings pushed and not yet written (a STACK_GLOBAL takes two), each with the
+    # memo slots it was put in
+    pending: list[tuple[str, list[int]]] = []
     count = 0
+    stored = False  # whether the last push was a pending string (a MEMOIZE then stores it)
+
+    def write_pending(n: int) -> None:
+        for text, slots in pending[:n]:
+            _write_string(out, text)
+            for idx in slots:
+                out.write(b"r" + struct.pack("<I", idx))
+        del pending[:n]
+
     for i, (op, arg, pos) in enumerate(ops):
-        end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
         name = op.name
-        if name == "PROTO":
-            out.write(b"\x80\x02")
-        elif name == "FRAME":
+        if name == "FRAME":
             continue
-        elif name == "MEMOIZE" or name in _PUTS:
+        if name == "MEMOIZE" or name in _PUTS:
             idx = count if name == "MEMOIZE" else arg
             count += name == "MEMOIZE"
-            prev = next(j for j in range(i - 1, -1, -1) if ops[j][0].name != "FRAME")
-            if prev not in consumed:
-                out.write(b"r" + struct.pack("<I", idx))
-        elif name == "STACK_GLOBAL":
-            j2, j1 = [j for j in range(i - 1, -1, -1)
-                      if ops[j][0].name not in ("FRAME", "MEMOIZE", *_PUTS)][:2]
-            module, attr = _string_of(ops[j1], memo_str), _string_of(ops[j2], memo_str)
-            out.write(b"c" + f"{module}\n{attr}\n".encode())
-        elif i in consumed:
-            continue
-        elif name in _STRINGS:
-            _write_string(out, arg)
-        elif name in _GETS:
-            if arg in memo_str:  # a string whose put was dropped: push the string itself
-                _write_string(out, memo_str[arg])
+            if stored:
+                pending[-1][1].append(idx)
+                memo_str[idx] = pending[-1][0]
             else:
-                out.write(b"j" + struct.pack("<I", arg))
+                memo_str.pop(idx, None)
+                out.write(b"r" + struct.pack("<I", idx))
+            continue
+        if name in _STRINGS or (name in _GETS and arg in memo_str):
+            write_pending(len(pending) - 1)  # keep the last one: it and this may be a global's
+            pending.append((arg if name in _STRINGS else memo_str[arg], []))
+            stored = True
+            continue
+        stored = False
+        if name == "STACK_GLOBAL":
+            if len(pending) != 2 or any("\n" in text for text, _ in pending):
+                raise ValueError("a STACK_GLOBAL whose module and name are not plain strings")
+            (module, _), (attr, _) = pending
+            pending.clear()  # their memo slots stay in memo_str: a later get pushes the string
+            out.write(b"c" + f"{module}\n{attr}\n".encode())
+            continue
+        write_pending(len(pending))
+        if name == "PROTO":
+            out.write(b"\x80\x02")
+        elif name in _GETS:
+            out.write(b"j" + struct.pack("<I", arg))
         else:
-            out.write(data[pos:end])
+            out.write(data[pos:ops[i + 1][2] if i + 1 < len(ops) else len(data)])
     return out.getvalue()
-
-
-def _string_of(op: tuple[Any, Any, Any], memo_str: dict[int, str]) -> str | None:
-    """The string an opcode pushes (a literal, or a memo get of one), else None."""
-    if op[0].name in _STRINGS:
-        return op[1]
-    if op[0].name in _GETS:
-        return memo_str.get(op[1])
-    return None
 
 
 def _write_string(out: io.BytesIO, text: str) -> None:
