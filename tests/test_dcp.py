@@ -225,6 +225,20 @@ def test_sharded_checkpoint_converts_both_ways_and_verifies(tmp_path: Path, runn
         assert torch.equal(v, sd[k])
 
 
+def test_linear_layout_run_to_param_and_export(tmp_path: Path, runner) -> None:
+    torch.manual_seed(2)
+    sd = {k: v.detach().clone() for k, v in models.LinearMLP().state_dict().items()}
+    src = save_ranks(tmp_path / "run", sd, {"fc1.weight": (2,)}, ranks=2)
+    r = runner("to-param", src)
+    assert r.exit_code == 0, r.stderr
+    out = load_file(tmp_path / "run.param.safetensors")
+    for k, v in sd.items():
+        assert torch.equal(out[k], v.t() if v.dim() == 2 else v)
+    assert runner("export", src, "-o", tmp_path / "same.safetensors").exit_code == 0
+    for k, v in load_file(tmp_path / "same.safetensors").items():
+        assert torch.equal(v, sd[k])
+
+
 def test_verify_fails_on_a_planted_fault(tmp_path: Path, runner) -> None:
     sd = _model_sd()
     src = save_dcp(tmp_path / "ck", torchtitan_state(sd))
