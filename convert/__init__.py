@@ -30,7 +30,7 @@ del verify  # so that `convert.verify` is the API function (see above)
 __all__ = [
     "ConvertError", "CorruptInputError", "Layout", "NotEquivalentError", "OutputError",
     "ParamLinear", "UnsafeInputError", "UsageError", "__version__", "inspect_checkpoint",
-    "plan_conversion", "to_linear", "to_param", "export", "verify", "batch",
+    "plan_conversion", "to_linear", "to_param", "export", "verify", "batch", "swap_modules",
 ]
 
 
@@ -40,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
         return ParamLinear
     if name in ("to_linear", "to_param", "export", "inspect_checkpoint", "plan_conversion",
-                "verify", "batch"):
+                "verify", "batch", "swap_modules"):
         from .api import public_api
 
         return public_api()[name]  # errors in the API's words, not the CLI's

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint, open_written, source_kind
+from .companions import CompanionError, Role, classify, companion_map, quantized_weight
 from .dtypes import is_float_weight
 from .errors import UsageError
 from .execute import apply_plan
@@ -299,9 +300,10 @@ def inspect_checkpoint(src: str | Path, *, state_dict_key: str | None = None,
         shapes = {k: s.shape for k, s in ckpt.specs.items()}
         prov = ckpt.provenance
         tensors = []
+        comps = companion_map(shapes)
         for k, spec in ckpt.specs.items():
             tensors.append(TensorInfo(k, spec.shape, spec.dtype,
-                                      *_detect(k, spec.shape, spec.dtype, shapes, prov)))
+                                      *_detect(k, spec.shape, spec.dtype, shapes, prov, comps)))
         prov_dict = None
         if prov is not None:
             prov_dict = {"layout": prov.layout.value, "source": prov.source_name,
@@ -314,10 +316,17 @@ def inspect_checkpoint(src: str | Path, *, state_dict_key: str | None = None,
 
 
 def _detect(key: str, shape: tuple[int, ...], dtype: str, shapes: dict[str, tuple[int, ...]],
-            prov: Any) -> tuple[str, str]:
+            prov: Any, comps: Mapping[str, tuple[str, Role, Any]]) -> tuple[str, str]:
+    if key in comps:
+        weight, role, block = comps[key]
+        try:
+            return "companion", classify(key, weight, role, shape, shapes[weight],
+                                         block).evidence
+        except CompanionError as e:
+            return "companion", f"does not fit: {e}"
     if prov is not None and key in prov.keys and prov.keys[key][1]:
         return prov.layout.value, f"provenance: transposed from '{prov.keys[key][0]}'"
-    if not is_float_weight(dtype, shape):
+    if not is_float_weight(dtype, shape) and not quantized_weight(key, dtype, shape, shapes):
         return "other", "not a 2-D float tensor"
     stack = (f"a stack of {'x'.join(map(str, shape[:-2]))} matrices (dims 0-{len(shape) - 3} "
              "stacked); " if len(shape) > 2 else "")
@@ -407,10 +416,11 @@ def _public_table() -> Mapping[str, Callable[..., Any]]:
     from types import MappingProxyType
 
     from .batching import batch
+    from .swap import swap_modules
 
     ops = {"to_linear": to_linear, "to_param": to_param, "export": export, "verify": verify,
            "inspect_checkpoint": inspect_checkpoint, "plan_conversion": plan_conversion,
-           "batch": batch}
+           "batch": batch, "swap_modules": swap_modules}
     return MappingProxyType({k: public(f) for k, f in ops.items()})
 
 

@@ -68,6 +68,13 @@ def is_float_weight(dtype: str, shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and d is not None and d.is_float
 
 
+def is_transposable(dtype: str, shape: tuple[int, ...]) -> bool:
+    """True for a tensor of 2 or more dims whose elements are whole bytes: its last two dims
+    can be swapped byte-wise (a float weight, a quantized int8 one, a scale grid)."""
+    d = DTYPES.get(dtype)
+    return len(shape) >= 2 and d is not None and d.bits % 8 == 0
+
+
 def swapped(shape: tuple[int, ...]) -> tuple[int, ...]:
     """SHAPE with its last two dims swapped (the transpose of a matrix or of a stack's members)."""
     return (*shape[:-2], shape[-1], shape[-2])

@@ -14,14 +14,13 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from fnmatch import fnmatchcase
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
+from .companions import CompanionRule, Role, bias_key, siblings  # noqa: F401 - re-exported
 from .errors import UsageError
 from .layout import Layout
 
@@ -215,6 +214,7 @@ class Selection:
     model: str | None = None
     stacks: tuple[StackRule, ...] = ()
     splits: tuple[SplitRule, ...] = ()
+    companions: tuple[CompanionRule, ...] = ()
 
     @property
     def chooses_layers(self) -> bool:
@@ -232,6 +232,8 @@ class Selection:
             **({"stack": [[r.members, r.stacked] for r in self.stacks]} if self.stacks else {}),
             **({"split": [[r.fused, list(r.parts), list(r.sizes), r.heads]
                           for r in self.splits]} if self.splits else {}),
+            **({"companion": [[r.key, r.role.value, list(r.block or ())]
+                              for r in self.companions]} if self.companions else {}),
         }
 
     def options_hash(self, target: Layout, *, export: bool = False) -> str:
@@ -247,7 +249,7 @@ class Selection:
         return Selection(self.layers + other.layers, self.exclude + other.exclude,
                          self.drop + other.drop, self.renames + other.renames,
                          self.model or other.model, self.stacks + other.stacks,
-                         self.splits + other.splits)
+                         self.splits + other.splits, self.companions + other.companions)
 
     def target_key(self, key: str) -> str:
         """KEY after every rename, in order."""
@@ -256,7 +258,10 @@ class Selection:
         return key
 
 
-_RULE_KEYS = {"layers", "exclude", "drop", "rename", "stack", "split", "description"}
+_RULE_KEYS = {"layers", "exclude", "drop", "rename", "stack", "split", "companion",
+              "description"}
+_COMPANION_ROLES = {r.value: r for r in (Role.GRID, Role.SAME_SHAPE, Role.VECTOR, Role.SCALAR,
+                                         Role.BIAS)}
 
 
 def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False) -> Selection:
@@ -306,8 +311,25 @@ def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False)
                              "list of strings 'to', and optionally integer 'sizes' and 'heads'.")
         splits.append(SplitRule(r["from"], tuple(r["to"]), tuple(r.get("sizes", ())),
                                 r.get("heads", 0), f"{origin} split", shipped))
+    companions = []
+    if not isinstance(data.get("companion", []), list):
+        raise UsageError(f"{origin}: 'companion' must be an array of tables ([[companion]] with "
+                         "key, role, and optionally block).")
+    for i, r in enumerate(data.get("companion", [])):
+        block = r.get("block") if isinstance(r, dict) else None
+        ok = (isinstance(r, dict) and {"key", "role"} <= set(r) <= {"key", "role", "block"}
+              and isinstance(r["key"], str) and r["role"] in _COMPANION_ROLES
+              and (block is None or (isinstance(block, list) and len(block) == 2
+                                     and all(isinstance(b, int) and b > 0 for b in block))))
+        if not ok:
+            raise UsageError(f"{origin}: [[companion]] entry {i + 1} must have a string 'key' "
+                             f"(a glob), a 'role' ({', '.join(sorted(_COMPANION_ROLES))}), and "
+                             "optionally 'block' = [rows, columns].")
+        companions.append(CompanionRule(r["key"], _COMPANION_ROLES[r["role"]],
+                                        tuple(block) if block else None,
+                                        f"{origin} companion", shipped))
     return Selection(patterns("layers"), patterns("exclude"), patterns("drop"), tuple(renames),
-                     stacks=tuple(stacks), splits=tuple(splits))
+                     stacks=tuple(stacks), splits=tuple(splits), companions=tuple(companions))
 
 
 def load_rules(path: Path) -> Selection:
@@ -475,33 +497,6 @@ def _leaf_changes(ours: Sequence[str], theirs: Sequence[str]) -> list[tuple[str,
 
 # --- evidence -------------------------------------------------------------------------------
 
-class Role(Enum):
-    """What a sibling of a weight is to it (the companions of quantized layers join here)."""
-
-    BIAS = "bias"
-
-
-# One table: for a weight's last name part, its siblings' last name parts and their roles.
-# Selection (bias evidence), planning and verification (the layer's bias) all read it.
-SIBLING_ROLES: Mapping[str, tuple[tuple[str, Role], ...]] = MappingProxyType({
-    "weight": (("bias", Role.BIAS),),
-    "W": (("b", Role.BIAS),),
-    "kernel": (("bias", Role.BIAS),),
-})
-
-
-def siblings(key: str, role: Role) -> tuple[str, ...]:
-    """The keys that would be KEY's siblings of ROLE (`P.weight` -> `P.bias`)."""
-    prefix, dot, leaf = key.rpartition(".")
-    return tuple(f"{prefix}{dot}{name}" for name, r in SIBLING_ROLES.get(leaf, ()) if r is role)
-
-
-def bias_key(key: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """KEY's bias sibling present in SHAPES, if any: 1-D for a matrix, `[E, n]` for a stack."""
-    dims = len(shapes.get(key, (0, 0))) - 1
-    return next((b for b in siblings(key, Role.BIAS) if len(shapes.get(b, ())) == dims), None)
-
-
 def bias_evidence(key: str, shape: tuple[int, ...],
                   shapes: Mapping[str, tuple[int, ...]]) -> tuple[Layout, str] | None:
     """The layout a weight's bias sibling proves, with the reason; None if it proves none.
@@ -512,15 +507,26 @@ def bias_evidence(key: str, shape: tuple[int, ...],
     """
     rows, cols = shape[-2:]
     lead = tuple(shape[:-2])
-    for bias_key in siblings(key, Role.BIAS):
-        b = shapes.get(bias_key)
+    for bias in siblings(key, Role.BIAS):
+        b = shapes.get(bias)
         if b is None or len(b) != len(lead) + 1 or tuple(b[:-1]) != lead:
             continue
         n = b[-1]
         if n == cols != rows:
-            return Layout.PARAM, f"bias '{bias_key}' has {n} = columns, so in x out"
+            return Layout.PARAM, f"bias '{bias}' has {n} = columns, so in x out"
         if n == rows != cols:
-            return Layout.LINEAR, f"bias '{bias_key}' has {n} = rows, so out x in"
+            return Layout.LINEAR, f"bias '{bias}' has {n} = rows, so out x in"
+    for scale_key in siblings(key, Role.SCALE):  # one scale per output channel: [out, 1]
+        s = shapes.get(scale_key)
+        if s is None or len(s) != len(lead) + 2 or tuple(s[:-2]) != lead or rows == 1 or \
+                cols == 1:
+            continue
+        if tuple(s[-2:]) == (rows, 1):
+            return Layout.LINEAR, (f"per-channel scale '{scale_key}' is {rows}x1, one per row, "
+                                   "so out x in")
+        if tuple(s[-2:]) == (1, cols):
+            return Layout.PARAM, (f"per-channel scale '{scale_key}' is 1x{cols}, one per "
+                                  "column, so in x out")
     return None
 
 

@@ -11,7 +11,18 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..dtypes import DTYPES, describe_shape, is_float_weight, swapped
+from ..companions import (
+    REFUSED,
+    CompanionError,
+    Follows,
+    Role,
+    classify,
+    companion_map,
+    quantized_weight,
+    siblings,
+    strangers,
+)
+from ..dtypes import DTYPES, describe_shape, is_float_weight, is_transposable, swapped
 from ..errors import CorruptInputError, UsageError
 from ..layout import Layout
 from ..provenance import Provenance
@@ -186,7 +197,7 @@ def _decide_from_provenance(flat: dict[str, tuple[tuple[int, ...], str]], prov: 
                                     "does not list: the file was changed after it was written; "
                                     "pass --layers/--exclude to plan it without provenance.")
         was, transposed = entry
-        if transposed and not is_float_weight(dtype, shape):
+        if transposed and not is_transposable(dtype, shape):
             raise CorruptInputError(f"'{source}': provenance says '{k}' was transposed but it is "
                                     f"{_describe(shape, dtype)}.")
         decisions[k] = transposed, Because.PROVENANCE, was
@@ -218,6 +229,11 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
     ambiguous: list[str] = []
     no_evidence: list[str] = []
 
+    comps = companion_map(shapes, selection.companions)
+    for rule in selection.companions:
+        if not rule.shipped and not any(rule.matches(c) for c in comps):
+            errors.append(f"{rule} matches no sibling of a layer's weight in '{source}'")
+    chosen: dict[str, tuple[Pattern | None, Pattern | None]] = {}
     for k, (shape, dtype) in flat.items():
         drop = _first(selection.drop, k, used)
         layer = _first(selection.layers, k, used)
@@ -225,7 +241,10 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
         if drop:
             decisions[k] = None, Because.PATTERN, str(drop)
             continue
-        if not is_float_weight(dtype, shape):
+        if k in comps:  # it follows its weight: decided below, once the weights are
+            chosen[k] = layer, excl
+            continue
+        if not is_float_weight(dtype, shape) and not quantized_weight(k, dtype, shape, shapes):
             if layer and not excl:
                 what = (f"'{k}' is {_describe(shape, dtype)}, not a 2-D float tensor (or a "
                         "stack of them), so it cannot be transposed")
@@ -289,6 +308,8 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
             no_evidence.append(k)
             decisions[k] = False, Because.NO_EVIDENCE, ""
 
+    _follow(flat, decisions, comps, chosen, errors)
+    _refuse_strangers(flat, decisions, comps, errors)
     warnings += _unused_patterns((*selection.layers, *selection.exclude, *selection.drop), used,
                                  source)
     if errors:
@@ -316,6 +337,76 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
                         f"sibling); left as they are; select them with --layers if they are"
                         f"{hint}.")
     return decisions, warnings
+
+
+def _follow(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Decision],
+            comps: Mapping[str, tuple[str, Role, tuple[int, int] | None]],
+            chosen: Mapping[str, tuple[Pattern | None, Pattern | None]],
+            errors: list[str]) -> None:
+    """Each companion gets its weight's decision as its role and shape say: a grid or a mask is
+    transposed with its weight, a scalar or a per-channel vector kept."""
+    for c, (w, role, block) in comps.items():
+        if c not in chosen:
+            continue  # dropped
+        layer, excl = chosen[c]
+        wd = decisions.get(w)
+        if wd is None or wd[0] is None:
+            decisions[c] = False, Because.COMPANION, f"{role.value} of '{w}', which is dropped"
+            continue
+        try:
+            comp = classify(c, w, role, flat[c][0], flat[w][0], block)
+        except CompanionError as e:
+            if wd[0]:
+                errors.append(f"{e}; --exclude both, or give its block with a [[companion]] "
+                              "rule (block = [rows, columns]) in a --rules file")
+            decisions[c] = False, Because.COMPANION, f"{role.value} of '{w}', kept with it"
+            continue
+        transpose = bool(wd[0]) and comp.follows is Follows.TRANSPOSED
+        if excl and not excl.shipped and transpose:
+            errors.append(f"{excl} excludes '{c}', the {comp.kind} of '{w}', which is "
+                          "transposed: left as it is, it would no longer fit its weight; "
+                          f"exclude '{w}' too, or narrow {excl}")
+        if layer and not layer.shipped and not wd[0] and comp.follows is Follows.TRANSPOSED:
+            errors.append(f"{layer} selects '{c}', the {comp.kind} of '{w}', which is kept: "
+                          f"a companion follows its weight; select '{w}' instead")
+        if transpose and not is_transposable(flat[c][1], flat[c][0]):
+            errors.append(f"'{c}' is {_describe(*flat[c])}, whose elements are not whole bytes, "
+                          f"so it cannot follow its weight '{w}'")
+        decisions[c] = transpose, Because.COMPANION, comp.evidence + (
+            "" if transpose or comp.follows is Follows.KEPT else ", kept with it")
+
+
+def _refuse_strangers(flat: dict[str, tuple[tuple[int, ...], str]],
+                      decisions: dict[str, Decision],
+                      comps: Mapping[str, Any], errors: list[str]) -> None:
+    """A transposed weight's sibling that fits no role and shares one of its dims, or a
+    packed weight beside transposed ones: exit 2, naming it."""
+    shapes = {k: s for k, (s, _) in flat.items()}
+    moving = [k for k, d in decisions.items() if d[0] and k not in comps]
+    if not moving:
+        return
+    known = set(comps) | {k for k, d in decisions.items()
+                          if d[0] is None or d[0] or d[1] is Because.EXCLUDED}
+    for w in moving:
+        known.update(siblings(w, Role.BIAS))
+    for k in flat:
+        leaf = _leaf(k)
+        if leaf in REFUSED and decisions[k][0] is not None and \
+                decisions[k][1] is not Because.EXCLUDED:
+            errors.append(f"'{k}' {REFUSED[leaf]}; linconvert cannot transpose it, so its layer "
+                          f"would not match the transposed layers beside it ('{moving[0]}'); "
+                          "dequantize the checkpoint first, or --exclude its layer's tensors")
+    for w in moving:
+        for k in strangers(w, shapes, known):
+            if _leaf(k) in REFUSED:
+                continue
+            shared = sorted(set(shapes[w][-2:]) & set(shapes[k]))
+            errors.append(f"'{k}' ({_describe(*flat[k])}) sits beside '{w}', which is "
+                          f"transposed, and shares its dimension {shared[0]}, but nothing says "
+                          "how it follows a transpose; --exclude it if it is not the weight's, "
+                          "or say its role in a --rules file ([[companion]] key = "
+                          f"'{k}', role = 'grid', 'same-shape', 'vector' or 'scalar')")
+            known.add(k)
 
 
 def _leaf(key: str) -> str:

@@ -18,7 +18,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import DTYPES, is_float_weight, swapped
+from ..companions import CompanionError, Role, classify
+from ..dtypes import DTYPES, is_float_weight, is_transposable, swapped
 from ..errors import UsageError
 from ..layout import Layout
 from .pairing import Pair
@@ -206,11 +207,14 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                   bias_pairs: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]],
                   device: Any, batch_size: int, seed: int, atol: float | None,
                   rtol: float | None, member: tuple[int, ...] = (),
-                  loaded: tuple[Any, Any] | None = None) -> CheckResult:
+                  loaded: tuple[Any, Any] | None = None,
+                  companions: Sequence[tuple[str, str, Role]] = ()) -> CheckResult:
     """One linear layer: ParamLinear on the param side vs nn.Linear on the linear side.
 
     SHAPES maps SRC's keys to their shapes (to find the layer's bias). MEMBER picks one
     matrix of a stack (one expert of `[E, in, out]`), and its row of an `[E, out]` bias.
+    COMPANIONS (SRC key, DST key, role) dequantize, unmask or renormalize the weight on each
+    side before the layers run, in float32.
     """
     import torch
     from torch import nn
@@ -237,6 +241,21 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     whole_src, whole_dst = loaded or (src.tensor(pair.source), dst.tensor(pair.target))
     w_src, w_dst = whole_src[s_at], whole_dst[d_at]
     res.bit_exact = _transposed_bits_equal(w_src, w_dst)
+    outputs = None
+    if companions:  # a quantized, pruned or weight-normed layer: run what it computes with
+        n_out = w_src.shape[-1] if src_param else w_src.shape[-2]
+        if n_out > SAMPLED_OUTPUTS:  # the bytes are proven above; the layer on a sample of
+            gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))  # outputs
+            outputs = torch.randperm(n_out, generator=gen)[:SAMPLED_OUTPUTS].sort().values
+        try:
+            w_src = effective_weight(w_src, [(c, role, _row(src.tensor(c), s_at))
+                                             for c, _, role in companions], src_param, outputs)
+            w_dst = effective_weight(w_dst, [(t, role, _row(dst.tensor(t), d_at))
+                                             for _, t, role in companions], not src_param,
+                                     outputs)
+        except CompanionError as e:
+            res.passed, res.message = False, str(e)
+            return res
 
     src_bias_key = bias_key(pair.source, shapes)
     hit = (bias_pairs.get((src_bias_key, pair.source_index))
@@ -249,6 +268,9 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
             t = t[hit[1]]
         # a bias still stacked beside an unstacked weight takes the source's index
         b_dst = _row(t, d_at if len(d_at) >= t.ndim - 1 else s_at)
+    if outputs is not None:
+        b_src = b_src[outputs] if b_src is not None and b_src.ndim == 1 else b_src
+        b_dst = b_dst[outputs] if b_dst is not None and b_dst.ndim == 1 else b_dst
     w_param, b_param, w_lin, b_lin = ((w_src, b_src, w_dst, b_dst) if src_param
                                       else (w_dst, b_dst, w_src, b_src))
     compute = _COMPUTE_DTYPE.get(s_spec.dtype, "F32")
@@ -259,6 +281,8 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     if (b_param is None) != (b_lin is None) or not bias_ok:
         res.passed, res.message = False, "bias missing or misshapen on one side"
         return res
+    if companions:
+        compute, tdtype = "F32", torch.float32
     if in_f == 0 or out_f == 0:  # nothing to compute: the bit-exact check is the whole story
         res.passed = res.bit_exact
         res.message = "" if res.passed else "weight is not the bit-exact transpose of its source"
@@ -286,7 +310,86 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     if not res.bit_exact:
         passed, msg = False, ("weight is not the bit-exact transpose of its source"
                               + (f"; {msg}" if msg else ""))
+    if not passed and companions:
+        msg += " (dequantized with " + ", ".join(f"'{t}'" for _, t, _ in companions) + ")"
     res.passed, res.message = passed, msg
+    return res
+
+
+_ACTIVATION = ("input_scale", "input_zero_point", "input_global_scale", "weight_global_scale",
+               "activation_scale")
+
+
+SAMPLED_OUTPUTS = 256  # a quantized layer runs on this many of its output channels, at most
+
+
+def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param: bool,
+                     outputs: Any = None) -> Any:
+    """The float32 matrix a layer computes with: W (minus its zero point) times its expanded
+    scale, times its mask, or weight norm's g * v / ||v||. PARAM: W is in x out (else out x in).
+    OUTPUTS: only these output channels (columns of a param W, rows of a linear one).
+    Activation scales do not change the weight and are checked bit for bit only.
+
+    Raises:
+        CompanionError: a companion whose shape does not fit W.
+    """
+    import torch
+
+    rows, cols = w.shape
+    axis = 1 if param else 0  # the output dim
+
+    def pick(t: Any, block: int = 1) -> Any:  # T's slices for OUTPUTS along the output dim
+        if outputs is None or t.shape[axis] == 1:
+            return t
+        return t.index_select(axis, outputs // block if block > 1 else outputs)
+
+    out = pick(w).to(torch.float32)
+    for key, role, c in companions:
+        leaf = key.rpartition(".")[2]
+        if role is Role.BIAS or leaf in _ACTIVATION:
+            continue
+        comp = classify(key, "its weight", role, tuple(c.shape), (rows, cols))
+        c = c.to(torch.float32)
+        if comp.block is not None:  # a grid (or [out, 1]): one value per block
+            c = pick(c, comp.block[axis])
+            for d in (0, 1):  # expanded where it does not already fit (or broadcast)
+                if c.shape[d] not in (1, out.shape[d]):
+                    c = c.repeat_interleave(comp.block[d], d).narrow(d, 0, out.shape[d])
+        elif c.ndim == 1 and c.numel() > 1:  # per channel: along the output dim if it fits
+            by_out = c.numel() == (cols if param else rows)
+            c = pick(c[None, :] if param else c[:, None]) if by_out else (
+                c[:, None] if param else c[None, :])
+        elif c.ndim == 2:
+            c = pick(c)
+        if leaf.endswith("zero_point"):
+            out = out - c
+        elif leaf in ("weight_g", "original0"):  # weight norm: g * v / ||v||
+            dims = [d for d in range(2) if c.shape[d] == 1] if c.ndim == 2 else [0, 1]
+            if outputs is not None and axis in dims:
+                raise CompanionError(f"'{key}' normalizes across output channels, so its layer "
+                                     "cannot be checked on a sample of them")
+            out = c * out / out.norm(dim=dims, keepdim=True)
+        else:
+            out = out * c
+    return out
+
+
+def _verify_companion(pair: Pair, weight: str, src: Checkpoint, dst: Checkpoint) -> CheckResult:
+    """A grid, mask or weight norm's g that was transposed with its weight: the bit-exact
+    transpose of its source, or the scale left as it was (the silent failure of its kind)."""
+    s, d = src.specs[pair.source], dst.specs[pair.target]
+    res = CheckResult(pair.name, pair.source, "companion", True, d.dtype, d.shape)
+    if s.dtype != d.dtype or tuple(d.shape) != swapped(s.shape):
+        res.passed, res.bit_exact = False, False
+        res.message = (f"{'x'.join(map(str, d.shape))} {d.dtype} is not the transpose of its "
+                       f"source ({'x'.join(map(str, s.shape))} {s.dtype}), as its weight "
+                       f"'{weight}' is")
+        return res
+    res.bit_exact = _transposed_bits_equal(src.tensor(pair.source), dst.tensor(pair.target))
+    if not res.bit_exact:
+        res.passed = False
+        res.message = (f"not the bit-exact transpose of its source: its weight '{weight}' was "
+                       "transposed and it was not transposed with it")
     return res
 
 
@@ -375,6 +478,7 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                        seed: int = 0, atol: float | None = None,
                        rtol: float | None = None) -> VerifyReport:
     """Check DST against SRC pair by pair; keys that pair with nothing are differences."""
+    from ..companions import companion_map
     from ..selection import bias_evidence
 
     dev = resolve_device(device)
@@ -394,6 +498,12 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
     held = _LastTensors()  # a stack's E pairs all want it: read it once, not E times
     bias_pairs = {(p.source, p.source_index): (p.target, p.target_index) for p in pairs
                   if not p.transposed and not p.parts}
+    comps = companion_map(shapes)
+    target_of = {p.source: p.target for p in pairs if not p.parts and p.target in dst.specs}
+    layer_comps: dict[str, list[tuple[str, str, Role]]] = {}
+    for c, (w, role, _) in comps.items():
+        if c in target_of:
+            layer_comps.setdefault(w, []).append((c, target_of[c], role))
     for p in pairs:
         if p.source not in src.specs:
             report.results.append(CheckResult(p.target, p.source, "missing", False,
@@ -406,14 +516,17 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
         if p.parts:
             report.results.append(_verify_parts(p, src, dst, dev, batch_size, seed, atol, rtol))
             continue
-        if p.transposed:
+        if p.transposed and p.source in comps:
+            report.results.append(_verify_companion(p, comps[p.source][0], src, dst))
+        elif p.transposed:
             s = src.specs[p.source]
             if dst_layout is not None:
                 src_param = dst_layout is Layout.LINEAR
             else:
                 ev = bias_evidence(p.source, s.shape, shapes) if len(s.shape) >= 2 else None
                 src_param = ev is None or ev[0] is Layout.PARAM
-            if not is_float_weight(s.dtype, s.shape):
+            quantized = p.source in layer_comps and is_transposable(s.dtype, s.shape)
+            if not is_float_weight(s.dtype, s.shape) and not quantized:
                 report.results.append(CheckResult(p.target, p.source, "layer", False, s.dtype,
                                                   s.shape, message="not a float matrix"))
                 continue
@@ -424,7 +537,8 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                                               _part(s.shape, p.source_index)[:-2])):
                 report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs,
                                                     shapes, dev, batch_size, seed, atol, rtol,
-                                                    member, loaded))
+                                                    member, loaded,
+                                                    layer_comps.get(p.source, ())))
         else:
             report.results.append(_compare_exact(p, src, dst))
         src.release(p.source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import is_float_weight, swapped
+from ..dtypes import is_float_weight, is_transposable, swapped
 from ..errors import UsageError
 from ..layout import Layout
 
@@ -98,18 +98,30 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
         if best_score == 0 and src.specs and dst.specs:
             raise UsageError(_no_pairs(src, dst, best))
         return pairs_from_plan(best), set(best.dropped), best.layout, "the selection options"
+    from ..companions import CompanionError, Follows, classify, companion_map
+
     pairs = []
     ambiguous = []
+    comps = companion_map({k: s.shape for k, s in src.specs.items()})
+    moved: dict[str, bool] = {}
     for k, s in src.specs.items():
         d = dst.specs.get(k)
-        if d is None:
+        if d is None or k in comps:
             continue
-        if is_float_weight(s.dtype, s.shape) and s.shape == d.shape and \
-                s.shape[-1] == s.shape[-2]:
+        weight = is_float_weight(s.dtype, s.shape) or (
+            is_transposable(s.dtype, s.shape) and any(w == k for w, _, _ in comps.values()))
+        if weight and s.shape == d.shape and s.shape[-1] == s.shape[-2]:
             ambiguous.append(k)
-        transposed = (is_float_weight(s.dtype, s.shape) and s.shape[-1] != s.shape[-2]
-                      and d.shape == swapped(s.shape))
-        pairs.append(Pair(k, k, transposed))
+        moved[k] = weight and s.shape[-1] != s.shape[-2] and d.shape == swapped(s.shape)
+        pairs.append(Pair(k, k, moved[k]))
+    for k, (w, role, block) in comps.items():  # a companion moves as its weight did
+        if k in dst.specs:
+            try:
+                follows = classify(k, w, role, src.specs[k].shape, src.specs[w].shape,
+                                   block).follows is Follows.TRANSPOSED
+            except CompanionError:
+                follows = True  # misshapen: the companion check says how
+            pairs.append(Pair(k, k, moved.get(w, False) and follows))
     if not pairs and src.specs and dst.specs:
         raise UsageError(_no_pairs(src, dst))
     if ambiguous:

@@ -5,6 +5,7 @@ Its JSON form is `to_dict`; the text table and JUnit XML are in `convert.report`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +71,12 @@ class VerifyReport:
     def raise_if_different(self) -> None:
         """NotEquivalentError (exit 1) naming the failing checks."""
         if self.failures:
-            names = ", ".join(f"'{r.name}' ({r.message})" for r in self.failures[:5])
-            more = f" and {len(self.failures) - 5} more" if len(self.failures) > 5 else ""
             raise NotEquivalentError(f"'{self.destination}' is not equivalent to "
-                                     f"'{self.source}': {names}{more}; nothing was written.",
-                                     self)
+                                     f"'{self.source}': {describe_failures(self.failures)}; "
+                                     "nothing was written.", self)
+
+
+def describe_failures(failures: Sequence[Any], most: int = 5) -> str:
+    """`'name' (message), ...` for the first MOST failed checks, and how many more there are."""
+    names = ", ".join(f"'{r.name}' ({r.message})" for r in failures[:most])
+    return names + (f" and {len(failures) - most} more" if len(failures) > most else "")
