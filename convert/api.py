@@ -143,7 +143,9 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
         def check(paths: list[Path]) -> None:
             from .verify import pairs_from_plan, verify_checkpoints
 
-            with open_written(paths, output.format, output.path, state_dict_key=state_dict_key,
+            # a .pt written from a source whose nesting is not kept holds a flat state dict
+            key = state_dict_key if ckpt.keeps_extras else None
+            with open_written(paths, output.format, output.path, state_dict_key=key,
                               allow_globals=allow_global) as written:
                 report.verification = verify_checkpoints(
                     ckpt, written, pairs=pairs_from_plan(plan), dropped=set(plan.dropped),
@@ -297,7 +299,7 @@ def _verify(src: str | Path, dst: str | Path, selection: Selection, state_dict_k
     """`verify`'s checks, and DST's provenance in words where it has one."""
     from .verify import pair_keys, verify_checkpoints, verify_models
 
-    src_key = state_dict_key if source_kind(Path(src)) == "pt" else None
+    src_key = state_dict_key if source_kind(Path(src)) in ("pt", "dcp") else None
     if Path(dst).suffix.lower() == ".onnx":
         from .verify import verify_onnx_layers
 
@@ -307,7 +309,7 @@ def _verify(src: str | Path, dst: str | Path, selection: Selection, state_dict_k
                                  f"'{dst}'; leave it out.")
             return verify_onnx_layers(s, Path(dst), seed=seed, batch_size=batch_size,
                                       atol=atol, rtol=rtol), None
-    dst_key = state_dict_key if source_kind(Path(dst)) == "pt" else None
+    dst_key = state_dict_key if source_kind(Path(dst)) in ("pt", "dcp") else None
     with open_checkpoint(src, state_dict_key=src_key, allow_globals=allow_global) as s, \
             open_checkpoint(dst, state_dict_key=dst_key, allow_globals=allow_global) as d:
         prov = d.provenance

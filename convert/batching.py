@@ -21,6 +21,7 @@ from typing import Any
 
 from .checkpoint import CHECKPOINT_SUFFIXES, open_checkpoint
 from .errors import ConvertError, UsageError
+from .formats.dcp import is_dcp
 from .layout import Layout
 
 JOURNAL = ".linconvert-journal.jsonl"
@@ -98,7 +99,7 @@ class BatchReport:
 
 def _is_checkpoint_folder(folder: Path) -> bool:
     return any(folder.glob("*.index.json")) or (folder / "model.safetensors").is_file() or \
-        (folder / "pytorch_model.bin").is_file()
+        (folder / "pytorch_model.bin").is_file() or is_dcp(folder)
 
 
 def _is_partial(p: Path) -> bool:
@@ -262,7 +263,7 @@ def _sha256(path: Path) -> str:
     """SHA-256 of a source as provenance records it (all shards, in index order)."""
     from .execute import sha256_files
 
-    if path.is_dir() or path.name.endswith(".index.json"):
+    if path.is_dir() or path.name.endswith(".index.json") or is_dcp(path):
         with open_checkpoint(path) as ckpt:
             return sha256_files(ckpt.files)
     return sha256_files((path,))

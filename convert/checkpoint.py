@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import CorruptInputError
+from .formats import dcp, sharded, torch_pt
 from .formats import safetensors as st
-from .formats import sharded, torch_pt
 from .formats.source import ArraySource, TensorSpec
 from .formats.source import Source as Checkpoint
 
@@ -40,7 +40,10 @@ def _sniff(path: Path) -> str:
 
 
 def source_kind(path: Path) -> str:
-    """"safetensors", "pt", "index", "folder", "flax" or "keras" for PATH; exit 4 otherwise."""
+    """"safetensors", "pt", "index", "folder", "dcp", "flax" or "keras" for PATH; exit 4
+    otherwise."""
+    if dcp.is_dcp(path):
+        return "dcp"
     if path.is_dir():
         return "folder"
     if path.name.endswith(".index.json"):
@@ -88,8 +91,10 @@ def open_checkpoint(path: Path | str, *, state_dict_key: str | None = None,
     """Open any supported source lazily.
 
     Args:
-        path: a `.safetensors`, `.pt/.pth/.bin` file, a `*.index.json`, or a folder with one.
-        state_dict_key: dotted path of the state dict inside a `.pt` training checkpoint.
+        path: a `.safetensors`, `.pt/.pth/.bin` file, a `*.index.json`, a folder with one, or
+            a torch.distributed.checkpoint folder (or its `.metadata`).
+        state_dict_key: dotted path of the state dict inside a `.pt` training checkpoint or a
+            DCP folder.
         allow_globals: `module.Name` pickle globals the user trusts.
 
     Raises:
@@ -103,7 +108,9 @@ def open_checkpoint(path: Path | str, *, state_dict_key: str | None = None,
         folder = path
         target = find_in_folder(path)
         kind = source_kind(target)
-    if kind in ("flax", "keras"):
+    if kind == "dcp":
+        ckpt = dcp.DcpSource(path, state_dict_key, allow_globals)
+    elif kind in ("flax", "keras"):
         ckpt = _open_framework(target, kind)
     elif kind == "index":
         ckpt = _open_index(target, state_dict_key, allow_globals)

@@ -39,9 +39,11 @@ class Source:
         files: the files whose bytes make up the source, in index order (hashed into provenance).
         tied: groups of keys that share one tensor (`.pt` only).
         folder: the folder SRC, if the user named a folder.
+        keeps_extras: whether a `.pt` output keeps the source's extras (optimizer state, ...).
     """
 
     format = ""
+    keeps_extras = False
 
     def __init__(self, path: Path):
         self.path = path

@@ -22,8 +22,9 @@ import tarfile
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..dtypes import dtype_from_torch
 from ..errors import CorruptInputError, UnsafeInputError, UsageError
@@ -101,7 +102,7 @@ def load(path: Path, allow_globals: Sequence[str] = ()) -> object:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        refused = _refused_globals(path, str(e), is_zip, allowed, allow_globals)
+        refused = refused_globals(path, str(e), is_zip, allowed, allow_globals)
         if refused is not None:
             raise refused from e
         raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: "
@@ -184,8 +185,11 @@ class _Sink(io.RawIOBase):
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 
 
-def check_archive(path: Path, size: int) -> None:
+def check_archive(path: Path, size: int, file: BinaryIO | None = None) -> None:
     """Refuse a zip archive torch.save could not have written, before torch reads it.
+
+    FILE, if given, is the archive (seekable) and PATH only names it in messages (a blob
+    inside a larger file, as in a DCP folder's `.distcp`).
 
     torch.save stores every member uncompressed, once, inside the file. A compressed member
     can expand to far more than the file (a zip bomb) and cannot be mapped; a member that
@@ -197,7 +201,7 @@ def check_archive(path: Path, size: int) -> None:
         CorruptInputError: not a valid zip archive, or implausible sizes.
     """
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(file if file is not None else path) as z:
             infos = z.infolist()
     # zipfile raises these on damaged archives; all mean "not a valid zip", exit 4.
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
@@ -205,7 +209,7 @@ def check_archive(path: Path, size: int) -> None:
             NotImplementedError, MemoryError) as e:
         raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: it starts like "
                                 "a zip archive (torch.save's format) but is not a valid one "
-                                f"({_reason(e)}; truncated?); re-download or re-save it.") from e
+                                f"({reason(e)}; truncated?); re-download or re-save it.") from e
     seen: set[str] = set()
     total = 0
     for info in infos:
@@ -236,13 +240,14 @@ def check_archive(path: Path, size: int) -> None:
             raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: zip member "
                                     f"'{name}' claims {info.file_size} bytes, more than the "
                                     f"{size}-byte archive can hold; re-download or re-save it.")
-    _check_local_headers(path, infos, size)
+    _check_local_headers(path, infos, size, file)
 
 
-def _check_local_headers(path: Path, infos: Sequence[zipfile.ZipInfo], size: int) -> None:
+def _check_local_headers(path: Path, infos: Sequence[zipfile.ZipInfo], size: int,
+                         file: BinaryIO | None) -> None:
     """Each member's local header agrees with the central directory (torch's reader uses both)."""
     try:
-        with open(path, "rb") as f:
+        with (nullcontext(file) if file is not None else open(path, "rb")) as f:
             for info in infos:
                 name = shorten(info.filename)
                 f.seek(info.header_offset)
@@ -292,7 +297,7 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
     """The gist of a library's error: no colour codes, no advice, one short line."""
     lines = [line.strip() for line in strip_ansi(str(e)).splitlines() if line.strip()]
     skip = ("Weights only load failed", "In PyTorch 2.6", "Please file an issue",
@@ -308,17 +313,17 @@ def _reason(e: BaseException) -> str:
 
 def _what_went_wrong(head: bytes, is_zip: bool, e: BaseException) -> str:
     if is_zip:
-        return f"torch could not read it ({_reason(e)}); re-download or re-save it"
+        return f"torch could not read it ({reason(e)}); re-download or re-save it"
     if looks_like_safetensors(head):
         return "it looks like a safetensors file; give it the .safetensors suffix"
     if head[:1] == b"\x80":
-        return (f"its legacy torch.save pickle is damaged ({_reason(e)}); re-download or "
+        return (f"its legacy torch.save pickle is damaged ({reason(e)}); re-download or "
                 "re-save it")
     return ("it is neither a zip archive (torch.save since 1.6) nor a torch.save pickle; check "
             "that this is the file you meant")
 
 
-def _refused_globals(path: Path, message: str, is_zip: bool, allowed: Sequence[object],
+def refused_globals(path: Path, message: str, is_zip: bool, allowed: Sequence[object],
                      allow_globals: Sequence[str]) -> UnsafeInputError | None:
     """The refusal for an unpickling error caused by a global off the allow-list, else None."""
     message = strip_ansi(message)
@@ -448,6 +453,7 @@ class TorchSource(Source):
     """
 
     format = "pt"
+    keeps_extras = True
 
     def __init__(self, path: Path, files: Sequence[Path], state_dict_key: str | None,
                  allow_globals: Sequence[str]):

@@ -17,6 +17,7 @@ from typing import Any
 from ..checkpoint import CHECKPOINT_SUFFIXES, PT_SUFFIXES, SAFETENSORS_SUFFIX, source_kind
 from ..dtypes import DTYPES, nbytes_of
 from ..errors import OutputError, UsageError
+from ..formats.dcp import dcp_folder
 from ..layout import Layout
 from ..provenance import METADATA_KEY
 from ..selection import bias_key
@@ -70,22 +71,27 @@ def resolve_output(src: Path, dst: Path | str | None, target: Layout, *, fmt: st
     shard = parse_size(max_shard_size) if max_shard_size is not None else None
     src_kind = source_kind(src)
     if dst is None:
-        if src_kind in ("folder", "index"):
+        if src_kind == "dcp":  # read-only: a file beside the folder, safetensors unless --format
+            folder = dcp_folder(src)
+            suffix = {"pt": ".pt", "onnx": ".onnx"}.get(fmt or "", SAFETENSORS_SUFFIX)
+            dst_path = folder.parent / f"{_strip_layout(folder.name)}.{target}{suffix}"
+        elif src_kind in ("folder", "index"):
             base = src if src_kind == "folder" else src.parent
             if fmt == "pt":
                 raise UsageError(f"a folder source '{src}' is written as a sharded safetensors "
                                  "folder; name a .pt file with -o to write one file.")
             return Output(base.parent / f"{_strip_layout(base.name)}.{target}", "safetensors",
                           overwrite, shard or DEFAULT_MAX_SHARD_SIZE, folder=True)
-        suffix = src.suffix.lower() if src.suffix.lower() in CHECKPOINT_SUFFIXES else ""
-        if fmt:
-            suffix = {"safetensors": SAFETENSORS_SUFFIX, "onnx": ".onnx"}.get(fmt) or (
-                suffix if suffix in PT_SUFFIXES else ".pt")
-        suffix = suffix or SAFETENSORS_SUFFIX
-        stem = src.name[: -len(src.suffix)] if src.suffix else src.name
-        stem = _strip_layout(stem.removesuffix(".weights") if src.suffix.lower() == ".h5"
-                             else stem)
-        dst_path = src.parent / f"{stem}.{target}{suffix}"
+        else:
+            suffix = src.suffix.lower() if src.suffix.lower() in CHECKPOINT_SUFFIXES else ""
+            if fmt:
+                suffix = {"safetensors": SAFETENSORS_SUFFIX, "onnx": ".onnx"}.get(fmt) or (
+                    suffix if suffix in PT_SUFFIXES else ".pt")
+            suffix = suffix or SAFETENSORS_SUFFIX
+            stem = src.name[: -len(src.suffix)] if src.suffix else src.name
+            stem = _strip_layout(stem.removesuffix(".weights") if src.suffix.lower() == ".h5"
+                                 else stem)
+            dst_path = src.parent / f"{stem}.{target}{suffix}"
     else:
         text = os.fspath(dst)
         dst_path = Path(text)
@@ -149,6 +155,7 @@ class SourceFacts:
     extras: tuple[str, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
     folder: Path | None = None
+    keeps_extras: bool = True  # a .pt output keeps the extras (torch.save sources)
 
 
 def source_facts(ckpt: Any) -> SourceFacts:
@@ -158,7 +165,7 @@ def source_facts(ckpt: Any) -> SourceFacts:
                        tuple(map(str, getattr(ckpt, "non_tensors", {}))),
                        tuple(getattr(ckpt, "extras", ()) or ()),
                        tuple((k, v) for k, v in meta.items() if k != METADATA_KEY),
-                       getattr(ckpt, "folder", None))
+                       getattr(ckpt, "folder", None), getattr(ckpt, "keeps_extras", True))
 
 
 def plan_output(plan: Plan, source: SourceFacts, output: Output, *, whole_model: bool = False,
@@ -177,12 +184,12 @@ def plan_output(plan: Plan, source: SourceFacts, output: Output, *, whole_model:
     if output.format == "safetensors":
         files = _safetensors_files(plan, source, output)
         if source.extras:
-            notes.append(f"'{source.path}' is a training checkpoint; its entries "
-                         f"{', '.join(repr(e) for e in source.extras[:6])} are not kept in "
-                         "safetensors (write .pt to keep them).")
+            notes.append(_extras_note(source, "safetensors"))
     elif output.format == "pt":
         files = (FilePlan(output.path, "tensors", tuple(e.key for e in plan.entries),
                           _total(plan.entries)),)
+        if source.extras and not source.keeps_extras:
+            notes.append(_extras_note(source, ".pt"))
     else:
         if opset is not None:
             from ..formats.onnx import check_opset
@@ -201,6 +208,16 @@ def plan_output(plan: Plan, source: SourceFacts, output: Output, *, whole_model:
                      side, tuple(notes))
     _refuse_existing(out, output)
     return dataclasses.replace(plan, output=out, warnings=(*plan.warnings, *notes))
+
+
+def _extras_note(source: SourceFacts, written: str) -> str:
+    """The note that a training checkpoint's entries beside its state dict are left out."""
+    shown = ", ".join(repr(e) for e in source.extras[:6])
+    more = f" and {len(source.extras) - 6} more" if len(source.extras) > 6 else ""
+    fix = (" (write .pt to keep them)" if source.keeps_extras
+           else "; linconvert converts this format's state dict only")
+    return (f"'{source.path}' is a training checkpoint; its entries {shown}{more} are not kept "
+            f"in {written}{fix}.")
 
 
 def _total(entries: Any) -> int:

@@ -149,12 +149,7 @@ def measure_moe(folder: Path, experts: int, layers: int,
         "linconvert to-param --stack, verified": [*lc, "to-param", str(src), "-o", str(out),
                                                   *MOE_RULES, "--overwrite", "-q"],
     }
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
-    for _ in range(repeat):
-        for name, cmd in cases.items():
-            out.unlink(missing_ok=True)
-            results[name].append(run(cmd))
-    return results
+    return interleave(cases, repeat, (out,))
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
@@ -194,10 +189,17 @@ def measure(layers: int, folder: Path, repeat: int) -> dict[str, list[tuple[floa
         "floor: copy + fsync": [sys.executable, "-c", FLOOR, str(st), str(out_st)],
         "linconvert --help": [*lc, "--help"],
     }
+    return interleave(cases, repeat, (out_st, out_pt))
+
+
+def interleave(cases: dict[str, list[str]], repeat: int,
+               outputs: tuple[Path, ...]) -> dict[str, list[tuple[float, float]]]:
+    """(wall, peak RSS) of every case, REPEAT rounds, every case once per round, each run
+    starting with its OUTPUTS removed."""
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
-    for _ in range(repeat):  # interleaved: every case once per round
+    for _ in range(repeat):
         for name, cmd in cases.items():
-            for p in (out_st, out_pt):
+            for p in outputs:
                 p.unlink(missing_ok=True)
             results[name].append(run(cmd))
     return results
@@ -216,6 +218,12 @@ def print_table(res: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[fl
               f"{summarize([r for _, r in runs]):>21} |")
     return {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v))
             for k, v in res.items()}
+
+
+def print_ratios(med: dict[str, tuple[float, float]], naive: str, ours: str) -> None:
+    """Case OURS's median wall and peak RSS as fractions of case NAIVE's."""
+    (nw, nr), (ow, orss) = med[naive], med[ours]
+    print(f"\n- wall / naive: {ow / nw:.2f}; peak RSS / naive: {orss / nr:.2f}")
 
 
 def main() -> None:
@@ -245,11 +253,8 @@ def main() -> None:
             size = (folder / f"moe-{experts}x{layers}.safetensors").stat().st_size / 1e6
             print(f"\n## stacked experts: {experts} experts x {layers} layers, {size:.0f} MB "
                   f"float32, {args.repeat} rounds (median (min-max))\n")
-            med = print_table(res)
-            naive, ours = med["naive: load_file, stack(w.t()), save_file"], \
-                med["linconvert to-param --stack, --no-verify"]
-            print(f"\n- wall / naive: {ours[0] / naive[0]:.2f}; peak RSS / naive: "
-                  f"{ours[1] / naive[1]:.2f}")
+            print_ratios(print_table(res), "naive: load_file, stack(w.t()), save_file",
+                         "linconvert to-param --stack, --no-verify")
         finally:
             if args.workdir is None:
                 shutil.rmtree(folder, ignore_errors=True)
