@@ -20,7 +20,13 @@ from .errors import UsageError
 from .execute import apply_plan
 from .layout import Layout
 from .plan import Plan, build_export_plan, build_plan, plan_output, resolve_output, source_facts
-from .selection import Selection, bias_evidence, build_reference, selection_from
+from .selection import (
+    Selection,
+    bias_evidence,
+    build_reference,
+    selection_from,
+    with_config,
+)
 from .verify import VerifyReport
 
 
@@ -57,7 +63,7 @@ def plan_conversion(ckpt: Checkpoint, target: Layout, selection: Selection | Non
                     **options: Any) -> Plan:
     """The entries of a conversion of an opened checkpoint (headers only; a `--model` in the
     selection imports torch). OPTIONS, instead of SELECTION, are its parts as keywords."""
-    selection = selection_from(selection, options)
+    selection = with_config(selection_from(selection, options), Path(ckpt.path))
     reference = build_reference(selection.model) if selection.model else None
     return build_plan(ckpt.specs, target, selection, reference=reference,
                       provenance=ckpt.provenance, tied=ckpt.tied, source=str(ckpt.path))
@@ -334,7 +340,7 @@ def _verify(src: str | Path, dst: str | Path, selection: Selection, state_dict_k
                                  pairing=f"{report.pairing} and DST's provenance")
             return report, provenance
         model = build_reference(selection.model) if selection.model else None
-        pairs, dropped, layout, how = pair_keys(s, d, selection, model)
+        pairs, dropped, layout, how = pair_keys(s, d, with_config(selection, Path(src)), model)
         return verify_checkpoints(s, d, pairs=pairs, dropped=dropped, dst_layout=layout,
                                   pairing=how, device=device, batch_size=batch_size, seed=seed,
                                   atol=atol, rtol=rtol, reference=reference), provenance

@@ -148,7 +148,7 @@ class SplitRule:
     fused: str
     parts: tuple[str, ...]
     sizes: tuple[int, ...] = ()
-    heads: int = 0
+    heads: int | str = 0  # or 'config:NAME': that field of the config.json beside SRC
     origin: str = "--split"
     shipped: bool = False
     layout: Layout | None = None  # where nothing else says it: the layout its tensors are in
@@ -162,7 +162,11 @@ class SplitRule:
                              "'h.{l}.attn.q_proj.weight,h.{l}.attn.k_proj.weight,...').")
         if self.sizes and (len(self.sizes) != len(self.parts) or min(self.sizes) < 1):
             raise UsageError(f"{self}: sizes must give one positive size per part.")
-        if self.heads < 0:
+        if isinstance(self.heads, str):
+            if not re.fullmatch(r"config:[A-Za-z_][A-Za-z0-9_]*", self.heads):
+                raise UsageError(f"{self}: heads must be a number or 'config:FIELD' (a field of "
+                                 "the config.json beside SRC, e.g. 'config:num_attention_heads').")
+        elif self.heads < 0:
             raise UsageError(f"{self}: heads must be positive.")
 
     @cached_property
@@ -308,7 +312,7 @@ def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False)
               and isinstance(r["from"], str) and isinstance(r["to"], list)
               and all(isinstance(v, str) for v in r["to"])
               and all(isinstance(v, int) for v in r.get("sizes", []))
-              and isinstance(r.get("heads", 0), int)
+              and isinstance(r.get("heads", 0), (int, str))
               and r.get("layout", "linear") in ("linear", "param"))
         if not ok:
             raise UsageError(f"{origin}: [[split]] entry {i + 1} must have a string 'from', a "
@@ -336,6 +340,34 @@ def rules_from_toml(data: dict[str, Any], origin: str, *, shipped: bool = False)
                                         f"{origin} companion", shipped))
     return Selection(patterns("layers"), patterns("exclude"), patterns("drop"), tuple(renames),
                      stacks=tuple(stacks), splits=tuple(splits), companions=tuple(companions))
+
+
+def with_config(selection: Selection, src: Path) -> Selection:
+    """SELECTION with each split's `heads = 'config:FIELD'` read from the config.json beside
+    SRC (in a folder SRC, or beside a file), as Hugging Face folders carry it."""
+    if not any(isinstance(r.heads, str) for r in selection.splits):
+        return selection
+    config = (src if src.is_dir() else src.parent) / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        rule = next(r for r in selection.splits if isinstance(r.heads, str))
+        raise UsageError(f"{rule} takes its heads from '{config}', which cannot be read ("
+                         f"{getattr(e, 'strerror', None) or e}); pass the split in a --rules "
+                         "file with heads = N.") from e
+    splits = []
+    for r in selection.splits:
+        if isinstance(r.heads, str):
+            field_name = r.heads.removeprefix("config:")
+            value = data.get(field_name) if isinstance(data, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{r} takes its heads from '{config}', whose '{field_name}' is "
+                                 f"{value!r}, not a positive number; pass the split in a "
+                                 "--rules file with heads = N.")
+            r = SplitRule(r.fused, r.parts, r.sizes, value, r.origin, r.shipped, r.layout)
+        splits.append(r)
+    return Selection(selection.layers, selection.exclude, selection.drop, selection.renames,
+                     selection.model, selection.stacks, tuple(splits), selection.companions)
 
 
 def load_rules(path: Path) -> Selection:

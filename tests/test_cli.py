@@ -80,8 +80,8 @@ def test_presets(runner):
     res = runner("presets")
     assert res.exit_code == 0
     names = [line.split("\t")[0] for line in res.stdout.splitlines()]
-    assert names == ["flax", "gpt2", "gpt2-qkv", "keras", "mixtral", "mixtral-hub", "qwen-moe",
-                     "wb"]
+    assert names == ["flax", "gpt-neox-qkv", "gpt2", "gpt2-qkv", "keras", "mixtral", "mixtral-hub",
+                     "qwen-moe", "wb"]
     assert "c_attn" in runner("presets", "gpt2").stdout
     assert runner("presets", "nope").exit_code == 2
 

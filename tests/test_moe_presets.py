@@ -107,3 +107,33 @@ def test_a_pt_output_merges_the_same(tmp_path):
     _, hub, stacked = _both_layouts(tmp_path, _qwen2_moe)
     convert.to_linear(hub, tmp_path / "tf5.pt", preset="qwen-moe")
     assert _equal(torch.load(tmp_path / "tf5.pt", weights_only=True), load_file(stacked))
+
+
+def test_gpt_neox_preset_splits_per_head_with_heads_from_config_json(tmp_path, runner):
+    config = transformers.GPTNeoXConfig(vocab_size=32, hidden_size=12, num_attention_heads=3,
+                                        num_hidden_layers=2, intermediate_size=16)
+    torch.manual_seed(1)
+    model = transformers.GPTNeoXForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "pythia")
+    res = runner("to-linear", tmp_path / "pythia", "-o", tmp_path / "split",
+                 "--preset", "gpt-neox-qkv")
+    assert res.exit_code == 0, res.stderr
+    (shard,) = (tmp_path / "split").glob("model-*.safetensors")
+    out = load_file(shard)
+    attn = model.gpt_neox.layers[1].attention
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():  # what GPTNeoXAttention.forward does with query_key_value
+        qkv = attn.query_key_value(x).view(2, 5, -1, 3 * attn.head_size).chunk(3, dim=-1)
+        for name, want in zip(("q_proj", "k_proj", "v_proj"), qkv):
+            key = f"gpt_neox.layers.1.attention.{name}"
+            got = torch.nn.functional.linear(x, out[f"{key}.weight"], out[f"{key}.bias"])
+            torch.testing.assert_close(got.view(2, 5, 3, attn.head_size), want)
+    res = runner("to-param", tmp_path / "split", "-o", tmp_path / "back")  # provenance: merged
+    assert res.exit_code == 0, res.stderr
+    (shard,) = (tmp_path / "back").glob("model-*.safetensors")
+    assert _equal(load_file(shard), load_file(tmp_path / "pythia" / "model.safetensors"))
+    # without a config.json the preset cannot know the heads: exit 2, saying so
+    (tmp_path / "pythia" / "config.json").unlink()
+    res = runner("to-linear", tmp_path / "pythia", "-o", tmp_path / "x", "--preset",
+                 "gpt-neox-qkv")
+    assert res.exit_code == 2 and "config.json" in res.stderr, res.stderr

@@ -260,6 +260,10 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
             made[k] = []
 
     for rule in selection.splits:
+        if isinstance(rule.heads, str):
+            errors.append(f"{rule}: heads '{rule.heads}' is read from a config.json beside SRC, "
+                          "and this plan was made without one")
+            continue
         fused = [k for k in kept if k not in taken and rule.fused_values(k) is not None]
         groups: dict[tuple[tuple[str, str], ...], dict[int, str]] = {}
         for k in kept:
