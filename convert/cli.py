@@ -460,7 +460,7 @@ def run(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (the one handler that maps outcomes)."""
     import shlex
 
-    from .verify.html import COMMAND
+    from .command import COMMAND
 
     # what made a verdict page: this command line, for this run only
     token = COMMAND.set(shlex.join(["linconvert", *(sys.argv[1:] if argv is None else argv)]))

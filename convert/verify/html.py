@@ -12,15 +12,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..report import _cos, _num, _write_text, verdict_line
 
 # The command line that is running (set by the CLI); a page made from the API says its call.
-COMMAND: ContextVar[str | None] = ContextVar("linconvert_command", default=None)
+from ..command import COMMAND  # noqa: E402,F401 - the command line, set by cli.run
+from ..report import _cos, _num, _write_text, verdict_line
 
 CHART_ROWS = 400  # more checks than this: the chart shows those nearest to failing
 _WIDTH, _LABEL, _PAD, _TOP, _ROW = 760, 250, 24, 30, 18

@@ -140,6 +140,7 @@ def _transposed_bits_equal(w_src: Any, w_dst: Any) -> bool:
     return bool(torch.equal(w_src.view(view).transpose(-2, -1), w_dst.view(view)))
 
 CHUNK = 8 << 20
+SAMPLED_OUTPUTS = 256  # a layer proven bit-exact runs on this many of its outputs, at most
 
 
 def _bytes_equal(src: Checkpoint, a_key: str, dst: Checkpoint, b_key: str,
@@ -242,12 +243,12 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     whole_src, whole_dst = loaded or (src.tensor(pair.source), dst.tensor(pair.target))
     w_src, w_dst = whole_src[s_at], whole_dst[d_at]
     res.bit_exact = _transposed_bits_equal(w_src, w_dst)
-    outputs = None
+    outputs = None  # a bit-exact weight's bytes are proven: its layer runs on a sample of
+    n_out = w_src.shape[-1] if src_param else w_src.shape[-2]  # its outputs (all, where not)
+    if n_out > SAMPLED_OUTPUTS and (res.bit_exact or companions):
+        gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+        outputs = torch.randperm(n_out, generator=gen)[:SAMPLED_OUTPUTS].sort().values
     if companions:  # a quantized, pruned or weight-normed layer: run what it computes with
-        n_out = w_src.shape[-1] if src_param else w_src.shape[-2]
-        if n_out > SAMPLED_OUTPUTS:  # the bytes are proven above; the layer on a sample of
-            gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))  # outputs
-            outputs = torch.randperm(n_out, generator=gen)[:SAMPLED_OUTPUTS].sort().values
         try:
             w_src = effective_weight(w_src, [(c, role, _row(src.tensor(c), s_at))
                                              for c, _, role in companions], src_param, outputs)
@@ -270,6 +271,9 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
         # a bias still stacked beside an unstacked weight takes the source's index
         b_dst = _row(t, d_at if len(d_at) >= t.ndim - 1 else s_at)
     if outputs is not None:
+        if not companions:  # (effective_weight took the sample already)
+            w_src = w_src[:, outputs] if src_param else w_src[outputs]
+            w_dst = w_dst[outputs] if src_param else w_dst[:, outputs]
         b_src = b_src[outputs] if b_src is not None and b_src.ndim == 1 else b_src
         b_dst = b_dst[outputs] if b_dst is not None and b_dst.ndim == 1 else b_dst
     w_param, b_param, w_lin, b_lin = ((w_src, b_src, w_dst, b_dst) if src_param
@@ -330,9 +334,6 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
 
 _ACTIVATION = ("input_scale", "input_zero_point", "input_global_scale", "weight_global_scale",
                "activation_scale")
-
-
-SAMPLED_OUTPUTS = 256  # a quantized layer runs on this many of its output channels, at most
 
 
 def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param: bool,
