@@ -278,13 +278,10 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
                 if hit is not None:
                     stacked.setdefault(hit[0], {})[hit[1]] = (k, e)
         for values, found in stacked.items():
-            if len(found) != len(rule.parts):
-                lack = next(i for i in range(len(rule.parts)) if i not in found)
-                errors.append(f"{rule}: '{rule.part_name(values, lack)}' is missing, so its "
-                              f"parts cannot be merged into '{rule.fused_name(values)}'")
-                continue
-            merge_stacks([found[i] for i in range(len(rule.parts))], rule.fused_name(values),
-                         rule.heads, str(rule), rule.layout)
+            in_order = _all_parts(rule, values, found, errors)
+            if in_order:
+                merge_stacks(in_order, rule.fused_name(values), rule.heads, str(rule),
+                             rule.layout)
         if not fused and not groups and not stacked:
             _unmatched(rule, "the fused tensor nor its parts", source, errors, warnings)
             continue
@@ -303,13 +300,8 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
                         split(bias, [b for b in part_biases if b], rule.sizes, rule.heads,
                               str(rule))
         for values, parts in groups.items():
-            if len(parts) != len(rule.parts):
-                lack = next(i for i in range(len(rule.parts)) if i not in parts)
-                errors.append(f"{rule}: '{rule.part_name(values, lack)}' is missing, so its "
-                              f"parts cannot be merged into '{rule.fused_name(values)}'")
-                continue
-            order = [parts[i] for i in range(len(rule.parts))]
-            if merge(order, rule.fused_name(values), rule.heads, str(rule), rule.layout):
+            order = _all_parts(rule, values, parts, errors)
+            if order and merge(order, rule.fused_name(values), rule.heads, str(rule), rule.layout):
                 biases = [bias_key(p, shapes) for p in order]
                 fused_bias = next(iter(siblings(rule.fused_name(values), Role.BIAS)), None)
                 if all(b is not None and b in kept and b not in taken for b in biases) and \
@@ -317,6 +309,17 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
                     merge([b for b in biases if b], fused_bias, rule.heads, str(rule))
     if provenance is not None:
         _reverse_splits(flat, decisions, kept, provenance, made, taken, entry)
+
+
+def _all_parts(rule: Any, values: tuple[tuple[str, str], ...], found: dict[int, Any],
+               errors: list[str]) -> list[Any]:
+    """FOUND's parts in the rule's order, or [] (and the error) where one is missing."""
+    lack = next((i for i in range(len(rule.parts)) if i not in found), None)
+    if lack is not None:
+        errors.append(f"{rule}: '{rule.part_name(values, lack)}' is missing, so its parts "
+                      f"cannot be merged into '{rule.fused_name(values)}'")
+        return []
+    return [found[i] for i in range(len(rule.parts))]
 
 
 def _unstack_parts(rule: Any, made: dict[str, list[Entry]]) -> bool:
