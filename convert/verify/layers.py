@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -140,6 +141,7 @@ def _transposed_bits_equal(w_src: Any, w_dst: Any) -> bool:
     return bool(torch.equal(w_src.view(view).transpose(-2, -1), w_dst.view(view)))
 
 CHUNK = 8 << 20
+VERIFY_THREADS = 2  # pairs checked at once, at most (and no more than the CPUs we may use)
 SAMPLED_OUTPUTS = 256  # a layer proven bit-exact runs on this many of its outputs, at most
 
 
@@ -480,6 +482,13 @@ class _LastTensors:
         return last[1]
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _part(shape: tuple[int, ...], index: int | None) -> tuple[int, ...]:
     """The shape of one member of a stack (or the whole, without an index)."""
     return shape if index is None else tuple(shape[1:])
@@ -516,7 +525,6 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
             report.results.append(CheckResult(k, "", "unexpected", False,
                                               message="DST key has no counterpart in SRC"))
     shapes = {k: s.shape for k, s in src.specs.items()}
-    held = _LastTensors()  # a stack's E pairs all want it: read it once, not E times
     bias_pairs = {(p.source, p.source_index): (p.target, p.target_index) for p in pairs
                   if not p.transposed and not p.parts}
     comps = companion_map(shapes)
@@ -525,20 +533,18 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
     for c, (w, role, _) in comps.items():
         if c in target_of:
             layer_comps.setdefault(w, []).append((c, target_of[c], role))
-    for p in pairs:
+
+    def check(p: Pair, held: _LastTensors) -> list[CheckResult]:
         if p.source not in src.specs:
-            report.results.append(CheckResult(p.target, p.source, "missing", False,
-                                              message=f"its source '{p.source}' is not in SRC"))
-            continue
+            return [CheckResult(p.target, p.source, "missing", False,
+                                message=f"its source '{p.source}' is not in SRC")]
         if p.target not in dst.specs:
-            report.results.append(CheckResult(p.target, p.source, "missing", False,
-                                              message="missing from DST"))
-            continue
+            return [CheckResult(p.target, p.source, "missing", False,
+                                message="missing from DST")]
         if p.parts:
-            report.results.append(_verify_parts(p, src, dst, dev, batch_size, seed, atol, rtol))
-            continue
+            return [_verify_parts(p, src, dst, dev, batch_size, seed, atol, rtol)]
         if p.transposed and p.source in comps:
-            report.results.append(_verify_companion(p, comps[p.source][0], src, dst))
+            out = [_verify_companion(p, comps[p.source][0], src, dst)]
         elif p.transposed:
             s = src.specs[p.source]
             if dst_layout is not None:
@@ -548,21 +554,44 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                 src_param = ev is None or ev[0] is Layout.PARAM
             quantized = p.source in layer_comps and is_transposable(s.dtype, s.shape)
             if not is_float_weight(s.dtype, s.shape) and not quantized:
-                report.results.append(CheckResult(p.target, p.source, "layer", False, s.dtype,
-                                                  s.shape, message="not a float matrix"))
-                continue
+                return [CheckResult(p.target, p.source, "layer", False, s.dtype, s.shape,
+                                    message="not a float matrix")]
             # A stack (stacked experts): each member is its own layer pair, named by its index;
             # the two tensors are read once for all of them.
             loaded = (held.get(src, p.source), held.get(dst, p.target))
-            for member in itertools.product(*(range(n) for n in
-                                              _part(s.shape, p.source_index)[:-2])):
-                report.results.append(_verify_layer(p, src, dst, src_param, bias_pairs,
-                                                    shapes, dev, batch_size, seed, atol, rtol,
-                                                    member, loaded,
-                                                    layer_comps.get(p.source, ()), reference))
+            out = [_verify_layer(p, src, dst, src_param, bias_pairs, shapes, dev, batch_size,
+                                 seed, atol, rtol, member, loaded,
+                                 layer_comps.get(p.source, ()), reference)
+                   for member in itertools.product(*(range(n) for n in
+                                                     _part(s.shape, p.source_index)[:-2]))]
         else:
-            report.results.append(_compare_exact(p, src, dst))
+            out = [_compare_exact(p, src, dst)]
         src.release(p.source)
         dst.release(p.target)
+        return out
+
+    def check_group(group: list[Pair]) -> list[CheckResult]:
+        held = _LastTensors()  # a stack's E pairs all want it: read it once, not E times
+        return [r for p in group for r in check(p, held)]
+
+    # Pairs that share a tensor (a stack's members) stay together; groups run on two threads
+    # (reads, compares and matmuls release the GIL), results in pair order.
+    groups: list[list[Pair]] = []
+    for p in pairs:
+        if groups and (groups[-1][-1].source == p.source or groups[-1][-1].target == p.target):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    workers = min(VERIFY_THREADS, len(groups), _cpus())
+    with ieee_float32():  # set once for every thread (the flags are global, not per thread)
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers, thread_name_prefix="linconvert-verify") as pool:
+                for results in pool.map(check_group, groups):
+                    report.results.extend(results)
+        else:
+            for group in groups:
+                report.results.extend(check_group(group))
     return report
 
