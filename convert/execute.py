@@ -295,7 +295,7 @@ def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
     assert output is not None
     hasher = hash_sources(ckpt)
     root, warnings = _pt_root(plan, ckpt)
-    data, records = pickle_checkpoint(root)
+    data, records = pickle_checkpoint(root, _torch() if isinstance(ckpt, TorchSource) else None)
     with PtWriter(output.path, overwrite=output.overwrite) as w:
         w.start(data)
         _write_records(plan, ckpt, records, w, progress)
@@ -412,6 +412,12 @@ def _write_records(plan: Plan, ckpt: Checkpoint, records: list[Any], w: Any,
                 w.write(_tensor_bytes(r.storage))
         w.end()
     flush()
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
 
 
 def _tensor_bytes(t: Any) -> Any:

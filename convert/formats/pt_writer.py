@@ -137,20 +137,23 @@ class _Pickler(pickle._Pickler):  # type: ignore[name-defined,misc]
 
     dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
 
-    def __init__(self, file: io.BytesIO):
+    def __init__(self, file: io.BytesIO, torch: Any):
         super().__init__(file, protocol=2)
         self.records: list[Record] = []
         self._keys: dict[int, str] = {}
         self._names: dict[tuple[str, str], object] = {}
-        self._torch = sys.modules.get("torch")
+        self._torch = torch
 
     def name(self, module: str, attr: str) -> object:
-        """The object torch's pickle names (torch's own once torch is imported, so that the
-        memo is shared with the tensors torch reduces itself), else a stand-in."""
+        """The object torch's pickle names: torch's own where the tree holds torch objects
+        (so that the memo is shared with the tensors torch reduces itself), else a stand-in
+        (never a torch that another thread may be importing)."""
         found = self._names.get((module, attr))
         if found is None:
-            mod = sys.modules.get(module) if self._torch is not None else None
-            found = getattr(mod, attr) if mod is not None else _Global(module, attr)
+            if self._torch is None:
+                found = _Global(module, attr)
+            else:
+                found = getattr(sys.modules[module], attr)
             self._names[(module, attr)] = found
         return found
 
@@ -211,10 +214,11 @@ class _Pickler(pickle._Pickler):  # type: ignore[name-defined,misc]
     dispatch[_Global] = save_name
 
 
-def pickle_checkpoint(obj: object) -> tuple[bytes, list[Record]]:
-    """data.pkl for OBJ, and its storages in the order their records follow."""
+def pickle_checkpoint(obj: object, torch: Any = None) -> tuple[bytes, list[Record]]:
+    """data.pkl for OBJ, and its storages in the order their records follow; TORCH, the
+    imported module, where OBJ holds torch objects (tensors of a `.pt` source)."""
     buf = io.BytesIO()
-    pickler = _Pickler(buf)
+    pickler = _Pickler(buf, torch)
     pickler.dump(obj)
     return buf.getvalue(), pickler.records
 
