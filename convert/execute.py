@@ -376,42 +376,35 @@ def _now(make: Callable[[], Any], dtype: Any, shape: tuple[int, ...]) -> Any:
 
 def _write_records(plan: Plan, ckpt: Checkpoint, records: list[Any], w: Any,
                    progress: Progress | None) -> None:
-    """Each storage's record, in the pickle's order: runs of planned entries through the one
-    loop, kept `.pt` storages copied whole, extras made one at a time."""
+    """Each storage's record, in the pickle's order: the planned entries through the one loop
+    (in one pass, so its buffers are made once), and between them, as their turn comes, a
+    `.pt` source's storages copied whole and extras made one at a time."""
     from .formats.pt_writer import StorageRef
     from .plan import Entry
 
-    run: list[tuple[Entry, Any]] = []
-    whole = all(isinstance(r.storage, StorageRef) and isinstance(r.storage.source, Entry)
-                for r in records)
+    planned = {id(r): r.storage.source for r in records
+               if isinstance(r.storage, StorageRef) and isinstance(r.storage.source, Entry)}
+    sink = _RecordSink(w, records, planned, lambda r: _write_record(ckpt, r, w))
+    stream_entries(replace(plan, entries=tuple(planned.values())), ckpt, sink, progress)
+    sink.close()
 
-    def flush() -> None:
-        if run:
-            sink = _RecordSink(w, run)
-            stream_entries(replace(plan, entries=tuple(e for e, _ in run)), ckpt, sink,
-                           progress if whole else None)
-            sink.close()
-            run.clear()
 
-    for r in records:
-        source = r.storage.source if isinstance(r.storage, StorageRef) else None
-        if isinstance(source, Entry):
-            run.append((source, r))
-            continue
-        flush()
-        w.begin(f"data/{r.key}", r.nbytes)
-        if source is not None:  # an extra, made now
-            t = source()
-            if t.numel():
-                w.write(_tensor_bytes(t))
-        else:  # a `.pt` source's storage, kept whole
-            loc = ckpt.storage_range(r.storage)  # type: ignore[attr-defined]
-            if loc is not None:
-                w.copy(loc[0], loc[1], r.nbytes)
-            elif r.nbytes:
-                w.write(_tensor_bytes(r.storage))
-        w.end()
-    flush()
+def _write_record(ckpt: Checkpoint, r: Any, w: Any) -> None:
+    """A record the plan does not stream: an extra, made now, or a `.pt` source's storage."""
+    from .formats.pt_writer import StorageRef
+
+    w.begin(f"data/{r.key}", r.nbytes)
+    if isinstance(r.storage, StorageRef):
+        t = r.storage.source()
+        if t.numel():
+            w.write(_tensor_bytes(t))
+    else:
+        loc = ckpt.storage_range(r.storage)  # type: ignore[attr-defined]
+        if loc is not None:
+            w.copy(loc[0], loc[1], r.nbytes)
+        elif r.nbytes:
+            w.write(_tensor_bytes(r.storage))
+    w.end()
 
 
 def _torch() -> Any:
@@ -430,28 +423,37 @@ def _tensor_bytes(t: Any) -> Any:
 
 
 class _RecordSink:
-    """stream_entries' sink for a `.pt` archive: each entry's bytes are the next record."""
+    """stream_entries' sink for a `.pt` archive: each entry's bytes are its record; the records
+    before it that the loop does not make (WRITE_OTHER's) are written as its turn comes."""
 
-    def __init__(self, w: Any, run: list[tuple[Any, Any]]):
+    def __init__(self, w: Any, records: list[Any], planned: dict[int, Any],
+                 write_other: Callable[[Any], None]):
         self.w = w
-        self.todo = [(e.key, r) for e, r in run]
+        self.records = records
+        self.planned = planned
+        self.write_other = write_other
         self.next = 0
         self.open: str | None = None
 
     def _at(self, key: str) -> None:
         while self.open != key:
-            self._advance()
+            self._advance(key)
 
-    def _advance(self) -> None:
+    def _advance(self, key: str | None) -> None:
         if self.open is not None:
             self.w.end()
             self.open = None
-        if self.next == len(self.todo):
-            raise RuntimeError("the plan streamed an entry the .pt archive has no record for")
-        key, r = self.todo[self.next]
+        if self.next == len(self.records):
+            raise RuntimeError(f"the plan streamed '{key}', which the .pt archive has no "
+                               "record for")
+        r = self.records[self.next]
         self.next += 1
+        entry = self.planned.get(id(r))
+        if entry is None:
+            self.write_other(r)
+            return
         self.w.begin(f"data/{r.key}", r.nbytes)
-        self.open = key
+        self.open = entry.key
 
     def write(self, key: str, data: Any) -> None:
         self._at(key)
@@ -462,9 +464,9 @@ class _RecordSink:
         self.w.copy(fd, offset, length)
 
     def close(self) -> None:
-        """End the last record, and write those the loop had no bytes for (empty ones)."""
-        while self.next < len(self.todo):
-            self._advance()
+        """End the last record, and write the rest (and those the loop had no bytes for)."""
+        while self.next < len(self.records):
+            self._advance(None)
         if self.open is not None:
             self.w.end()
             self.open = None

@@ -26,6 +26,7 @@ import os
 import pickle
 import struct
 import sys
+import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ ALIGNMENT = 64  # torch.serialization's storage alignment
 ZIP64_AT = 0xFFFFFFFF  # sizes and offsets from here on need ZIP64 fields (miniz's rule)
 _SENTINEL = 0xFFFFFFFF
 _COPY_CHUNK = 8 << 20
+_OVERLAP_FROM = 1 << 20  # smaller writes are CRC'd in line: a thread costs more than it saves
 
 # torch's legacy storage classes (torch.storage._dtype_to_storage_type_map); every other dtype
 # is pickled as an UntypedStorage with the dtype beside it (_rebuild_tensor_v3).
@@ -324,13 +326,25 @@ class PtWriter:
         self._written = 0
 
     def write(self, data: Any) -> None:
-        """Append DATA (bytes-like) to the current record."""
+        """Append DATA (bytes-like) to the current record; a large one's CRC-32 is computed on
+        a second thread while it is written (both release the GIL)."""
         view = memoryview(data).cast("B")
         entry = self._current
         assert entry is not None
-        entry.crc = zlib.crc32(view, entry.crc)
         self._written += len(view)
-        self._out(view)
+        if len(view) < _OVERLAP_FROM:
+            entry.crc = zlib.crc32(view, entry.crc)
+            self._out(view)
+            return
+        crc: list[int] = []
+        worker = threading.Thread(target=lambda: crc.append(zlib.crc32(view, entry.crc)),
+                                  name="linconvert-crc32")
+        worker.start()
+        try:
+            self._out(view)
+        finally:
+            worker.join()  # before the caller reuses the buffer
+        entry.crc = crc[0]
 
     def copy(self, fd: int, offset: int, length: int) -> None:
         """Append LENGTH bytes of FD at OFFSET to the current record (read, CRC'd, written)."""
