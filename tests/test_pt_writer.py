@@ -232,6 +232,24 @@ def test_pt_to_pt_keeps_extras_ties_and_views_byte_for_byte(tmp_path):
     assert loaded["ema"]["fc.weight"].shape == (OUT, IN)
 
 
+def test_legacy_pt_source_is_written_from_memory_byte_for_byte(tmp_path):
+    """A pre-1.6 (non-zip) torch.save file cannot be mapped: its kept storages are written
+    from memory, shared ones still once."""
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(8, 4, generator=g)
+    sd = {"fc.weight": torch.randn(IN, OUT, generator=g), "fc.bias": torch.randn(OUT, generator=g),
+          "a": table[:3], "b": table[5:]}
+    src = tmp_path / "legacy.pt"
+    torch.save(sd, src, _use_new_zipfile_serialization=False)
+    dst = tmp_path / "o.pt"
+    convert.to_linear(src, dst)
+    expected = _in_memory(src)
+    _assert_same_file_as_torch_save(dst, expected)
+    loaded = _assert_loads(dst)
+    _assert_equal(loaded, expected)
+    assert loaded["a"].untyped_storage().data_ptr() == loaded["b"].untyped_storage().data_ptr()
+
+
 def test_param_linear_param_round_trip_through_pt_is_bit_exact(tmp_path):
     src = _training_checkpoint(tmp_path)
     there, back = tmp_path / "linear.pt", tmp_path / "param.pt"
