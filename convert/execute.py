@@ -303,7 +303,7 @@ def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
         staged = w.finish()
         if before_commit is not None:
             before_commit([staged])
-        w.commit()
+        w.commit(sync=False)
     total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries)
     return ExecutionResult([output.path], len(plan.entries), total, sha, 0.0, warnings)
 

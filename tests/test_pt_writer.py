@@ -107,6 +107,17 @@ def _assert_loads(dst: Path) -> dict:
     return eager
 
 
+def _convert_and_check(src: Path, dst: Path, **options) -> dict:
+    """Convert SRC into DST (verified), check it is the in-memory result's file byte for byte,
+    loads both ways, and holds the same tensors; the loaded checkpoint."""
+    convert.to_linear(src, dst, **options)
+    expected = _in_memory(src, **options)
+    _assert_same_file_as_torch_save(dst, expected)
+    loaded = _assert_loads(dst)
+    _assert_equal(loaded, expected)
+    return loaded
+
+
 def _param_mlp(tmp_path: Path, dtype: torch.dtype = torch.float32, name: str = "m") -> Path:
     g = torch.Generator().manual_seed(0)
     sd = {"fc1.weight": torch.randn(IN, OUT, generator=g).to(dtype),
@@ -145,7 +156,7 @@ def test_archive_of_tensor_refs_is_torch_saves_bytes(tmp_path, stand_ins):
                 w.write(t.reshape(-1).view(torch.uint8).numpy())
             w.end()
         w.finish()
-        w.commit()
+        w.commit(sync=False)
     _assert_same_file_as_torch_save(dst, sd)
     _assert_equal(_assert_loads(dst), sd)
     ours = zipfile.ZipFile(dst).read("archive/.data/serialization_id")
@@ -181,13 +192,7 @@ def test_zip64_records_load(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
                                    torch.float8_e4m3fn])
 def test_safetensors_to_pt_is_the_in_memory_result_byte_for_byte(tmp_path, dtype):
-    src = _param_mlp(tmp_path, dtype)
-    dst = tmp_path / "o.pt"
-    convert.to_linear(src, dst)
-    expected = _in_memory(src)
-    _assert_same_file_as_torch_save(dst, expected)
-    loaded = _assert_loads(dst)
-    _assert_equal(loaded, expected)
+    loaded = _convert_and_check(_param_mlp(tmp_path, dtype), tmp_path / "o.pt")
     assert loaded["fc1.weight"].shape == (OUT, IN)
 
 
@@ -214,14 +219,8 @@ def _training_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_pt_to_pt_keeps_extras_ties_and_views_byte_for_byte(tmp_path):
-    src = _training_checkpoint(tmp_path)
-    dst = tmp_path / "o.pt"
-    options = {"layers": ["fc.weight", "head.weight"]}
-    convert.to_linear(src, dst, **options)
-    expected = _in_memory(src, **options)
-    _assert_same_file_as_torch_save(dst, expected)
-    loaded = _assert_loads(dst)
-    _assert_equal(loaded, expected)
+    loaded = _convert_and_check(_training_checkpoint(tmp_path), tmp_path / "o.pt",
+                                layers=["fc.weight", "head.weight"])
     m = loaded["model"]
     assert m["fc.weight"].shape == (OUT, IN) and m["head.weight"] is m["fc.weight"]  # tied
     assert m["emb.weight"].untyped_storage().data_ptr() == \
@@ -241,12 +240,7 @@ def test_legacy_pt_source_is_written_from_memory_byte_for_byte(tmp_path):
           "a": table[:3], "b": table[5:]}
     src = tmp_path / "legacy.pt"
     torch.save(sd, src, _use_new_zipfile_serialization=False)
-    dst = tmp_path / "o.pt"
-    convert.to_linear(src, dst)
-    expected = _in_memory(src)
-    _assert_same_file_as_torch_save(dst, expected)
-    loaded = _assert_loads(dst)
-    _assert_equal(loaded, expected)
+    loaded = _convert_and_check(src, tmp_path / "o.pt")
     assert loaded["a"].untyped_storage().data_ptr() == loaded["b"].untyped_storage().data_ptr()
 
 
@@ -303,11 +297,7 @@ def test_random_state_dicts_match_torch_save(tmp_path_factory, extra, sizes, see
     sd["fc.bias"] = torch.randn(sizes[1], generator=g)
     src = folder / "r.safetensors"
     save_file(sd, str(src))
-    dst = folder / "r.pt"
-    convert.to_linear(src, dst, verify=False)
-    expected = _in_memory(src)
-    _assert_same_file_as_torch_save(dst, expected)
-    _assert_equal(_assert_loads(dst), expected)
+    _convert_and_check(src, folder / "r.pt", verify=False)
 
 
 def test_safetensors_to_pt_does_not_import_torch(tmp_path):

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import struct
 import sys
 import threading
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import OutputError
-from .atomic import AtomicFile, output_error
+from .atomic import AtomicFile
+from .safetensors import read_into
 
 PREFIX = "archive/"  # torch.save names the folder so when it writes to a file object
 ALIGNMENT = 64  # torch.serialization's storage alignment
@@ -252,48 +251,32 @@ class _Entry:
     crc: int = 0
 
 
-@dataclass
-class PtWriter:
-    """Streams a torch.save archive into DST through an AtomicFile.
+class PtWriter(AtomicFile):
+    """Streams a torch.save archive into DST through its temporary file (an AtomicFile).
 
-    Use as a context manager: `add` small records whole, or `begin` / `write` / `copy` / `end`
-    one record's bytes; `finish` writes the closing records and the directory and fsyncs;
-    `commit` publishes DST. Leaving the context without `commit` leaves nothing behind.
+    Use as a context manager: `start` with data.pkl, then `add` small records whole, or
+    `begin` / `write` / `copy` / `end` one record's bytes; `finish` writes the closing records
+    and the directory and fsyncs; `commit(sync=False)` publishes DST. Leaving the context
+    without `commit` leaves nothing behind.
     """
 
-    dst: Path
-    overwrite: bool
-    _file: AtomicFile = field(init=False)
-    _pos: int = 0
-    _entries: list[_Entry] = field(default_factory=list)
-    _current: _Entry | None = None
-    _written: int = 0
-    _crcs: int = 0  # torch's combined CRC-32s (c10::hash_combine), for the serialization id
-    _scratch: bytearray | None = None
-
-    def __post_init__(self) -> None:
-        self._file = AtomicFile(self.dst, overwrite=self.overwrite)
+    def __init__(self, dst: Path, *, overwrite: bool):
+        super().__init__(dst, overwrite=overwrite)
+        self._pos = 0
+        self._entries: list[_Entry] = []
+        self._current: _Entry | None = None
+        self._written = 0
+        self._crcs = 0  # torch's combined CRC-32s (c10::hash_combine), for the serialization id
+        self._scratch: bytearray | None = None
 
     def __enter__(self) -> PtWriter:
-        self._file.__enter__()
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._file.__exit__(*exc)
-
-    @property
-    def tmp_path(self) -> Path:
-        return self._file.tmp
-
     def _out(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                n = os.write(self._file.fd, view)
-                view = view[n:]
-                self._pos += n
-        except OSError as e:
-            raise output_error(self.dst, e) from e
+        """Write DATA at the archive's end, as it is (headers, or a record's checked bytes)."""
+        AtomicFile.write(self, data)
+        self._pos += memoryview(data).nbytes
 
     def start(self, data_pkl: bytes) -> None:
         """The records before the storages: the pickle, the format version, the alignment
@@ -354,9 +337,8 @@ class PtWriter:
             self._scratch = bytearray(min(_COPY_CHUNK, length))
         view = memoryview(self._scratch)
         while length:
-            n = os.preadv(fd, [view[:min(length, len(view))]], offset)
-            if n == 0:
-                raise OutputError(f"cannot write '{self.dst}': the source ended early.")
+            n = min(length, len(view))
+            read_into(fd, offset, view[:n])
             self.write(view[:n])
             offset += n
             length -= n
@@ -403,12 +385,8 @@ class PtWriter:
         directory += _END.pack(0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
                                min(size, _SENTINEL), min(start, _SENTINEL), 0)
         self._out(directory)
-        self._file.fsync()
-        return self._file.tmp
-
-    def commit(self) -> None:
-        """Publish DST (after `finish`)."""
-        self._file.commit(sync=False)
+        self.fsync()
+        return self.tmp
 
 
 def _zip64_fields(size: int, offset: int, *, local: bool) -> bytes:
