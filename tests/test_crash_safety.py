@@ -162,7 +162,7 @@ def test_sigkill_while_writing_leaves_the_old_dst(tmp_path, runner, big_src, nam
 
 @pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
                                                    (signal.SIGTERM, 143, "terminated")])
-@pytest.mark.parametrize("name", ["o.safetensors", "o-folder/"])
+@pytest.mark.parametrize("name", ["o.safetensors", "o.pt", "o-folder/"])
 def test_interrupt_while_writing_cleans_up(tmp_path, big_src, name, sig, code, word):
     """The signal lands the moment the temporary file appears (inside AtomicFile.__enter__,
     right after os.open returns, as often as not): still nothing left behind."""
