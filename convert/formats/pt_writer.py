@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import queue
 import struct
 import sys
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,8 @@ ALIGNMENT = 64  # torch.serialization's storage alignment
 ZIP64_AT = 0xFFFFFFFF  # sizes and offsets from here on need ZIP64 fields (miniz's rule)
 _SENTINEL = 0xFFFFFFFF
 _COPY_CHUNK = 8 << 20
-_OVERLAP_FROM = 1 << 20  # smaller writes are CRC'd in line: a thread costs more than it saves
+_OVERLAP_FROM = 1 << 20  # smaller writes are queued as copies, larger ones in pooled chunks
+_BUFFERS = 4  # chunks in flight to the writing thread (32 MiB)
 
 # torch's legacy storage classes (torch.storage._dtype_to_storage_type_map); every other dtype
 # is pickled as an UntypedStorage with the dtype beside it (_rebuild_tensor_v3).
@@ -266,17 +269,27 @@ class PtWriter(AtomicFile):
         self._entries: list[_Entry] = []
         self._current: _Entry | None = None
         self._written = 0
-        self._crcs = 0  # torch's combined CRC-32s (c10::hash_combine), for the serialization id
-        self._scratch: bytearray | None = None
+        self._drain: _Drain | None = None
 
     def __enter__(self) -> PtWriter:
         super().__enter__()
+        try:  # a signal landing here still finds the temporary file to remove
+            self._drain = _Drain(lambda view: AtomicFile.write(self, view))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
-    def _out(self, data: bytes | memoryview) -> None:
-        """Write DATA at the archive's end, as it is (headers, or a record's checked bytes)."""
-        AtomicFile.write(self, data)
-        self._pos += memoryview(data).nbytes
+    def __exit__(self, *exc: object) -> None:
+        if self._drain is not None:
+            self._drain.stop(abort=True)  # before the file is closed under its thread
+        super().__exit__(*exc)
+
+    def _out(self, data: bytes) -> None:
+        """Queue DATA (immutable) at the archive's end, as it is."""
+        assert self._drain is not None
+        self._drain.put(data, None, None)
+        self._pos += len(data)
 
     def start(self, data_pkl: bytes) -> None:
         """The records before the storages: the pickle, the format version, the alignment
@@ -309,37 +322,35 @@ class PtWriter(AtomicFile):
         self._written = 0
 
     def write(self, data: Any) -> None:
-        """Append DATA (bytes-like) to the current record; a large one's CRC-32 is computed on
-        a second thread while it is written (both release the GIL)."""
+        """Append DATA (bytes-like, free to reuse on return) to the current record: copied in
+        chunks to the writing thread, which CRCs and writes them while the caller goes on."""
         view = memoryview(data).cast("B")
         entry = self._current
-        assert entry is not None
+        drain = self._drain
+        assert entry is not None and drain is not None
         self._written += len(view)
+        self._pos += len(view)
         if len(view) < _OVERLAP_FROM:
-            entry.crc = zlib.crc32(view, entry.crc)
-            self._out(view)
+            drain.put(bytes(view), entry, None)
             return
-        crc: list[int] = []
-        worker = threading.Thread(target=lambda: crc.append(zlib.crc32(view, entry.crc)),
-                                  name="linconvert-crc32")
-        worker.start()
-        try:
-            self._out(view)
-        finally:
-            worker.join()  # before the caller reuses the buffer
-        entry.crc = crc[0]
+        for at in range(0, len(view), _COPY_CHUNK):
+            part = view[at:at + _COPY_CHUNK]
+            buf = drain.buffer()
+            buf[:len(part)] = part
+            drain.put(memoryview(buf)[:len(part)], entry, buf)
 
     def copy(self, fd: int, offset: int, length: int) -> None:
         """Append LENGTH bytes of FD at OFFSET to the current record (read, CRC'd, written)."""
-        if self._scratch is None:
-            self._scratch = bytearray(min(_COPY_CHUNK, max(length, 1)))
-        elif len(self._scratch) < min(_COPY_CHUNK, length):
-            self._scratch = bytearray(min(_COPY_CHUNK, length))
-        view = memoryview(self._scratch)
+        entry = self._current
+        drain = self._drain
+        assert entry is not None and drain is not None
+        self._written += length
+        self._pos += length
         while length:
-            n = min(length, len(view))
-            read_into(fd, offset, view[:n])
-            self.write(view[:n])
+            n = min(length, _COPY_CHUNK)
+            buf = drain.buffer()
+            read_into(fd, offset, memoryview(buf)[:n])
+            drain.put(memoryview(buf)[:n], entry, buf)
             offset += n
             length -= n
 
@@ -350,22 +361,28 @@ class PtWriter(AtomicFile):
         if self._written != entry.size:
             raise RuntimeError(f"wrote {self._written} bytes to record {entry.name!r} of "
                                f"{self.dst}, planned {entry.size}")
-        if entry.size:
-            if entry.size >= ZIP64_AT or entry.offset >= ZIP64_AT:
-                tail = struct.pack("<IIQQ", 0x08074B50, entry.crc, entry.size, entry.size)
-            else:
-                tail = struct.pack("<IIII", 0x08074B50, entry.crc, entry.size, entry.size)
-            self._out(tail)
-            self._crcs = _hash_combine(self._crcs, entry.crc)
+        if entry.size:  # the data descriptor, once the thread knows the CRC-32
+            wide = entry.size >= ZIP64_AT or entry.offset >= ZIP64_AT
+            assert self._drain is not None
+            self._drain.put(lambda: struct.pack("<IIQQ" if wide else "<IIII", 0x08074B50,
+                                                entry.crc, entry.size, entry.size), None, None)
+            self._pos += 24 if wide else 16
         self._entries.append(entry)
         self._current = None
 
     def finish(self) -> Path:
         """`version`, the serialization id and the directory; fsync. The staged file."""
         self.add("version", b"3\n")
+        assert self._drain is not None
+        self._drain.wait()  # every CRC-32 known from here on
+        crcs = 0
+        for e in self._entries:
+            if e.size:
+                crcs = _hash_combine(crcs, e.crc)
         names = hashlib.sha256(b"\0".join(sorted(e.name for e in self._entries))).digest()
         self.add(".data/serialization_id",
-                 f"{int.from_bytes(names[:8], 'little'):020d}{self._crcs:020d}".encode("ascii"))
+                 f"{int.from_bytes(names[:8], 'little'):020d}{crcs:020d}".encode("ascii"))
+        self._drain.wait()
         start = self._pos
         directory = bytearray()
         for e in self._entries:
@@ -384,9 +401,91 @@ class PtWriter(AtomicFile):
         size = end64 - start
         directory += _END.pack(0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
                                min(size, _SENTINEL), min(start, _SENTINEL), 0)
-        self._out(directory)
+        self._out(bytes(directory))
+        self._drain.stop(abort=False)
         self.fsync()
         return self.tmp
+
+
+class _Drain:
+    """One thread that writes the archive's bytes in the order given, CRC-32s of record data
+    on the way (zlib and the write both release the GIL), so that making the next tensor
+    (reading, transposing) overlaps writing the last; at most _BUFFERS chunks are in flight."""
+
+    def __init__(self, out: Callable[[Any], None]):
+        self._out = out
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._made = 0
+        self._error: BaseException | None = None
+        self._abort = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="linconvert-pt-writer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            data, entry, buf = task
+            try:
+                if self._error is None and not self._abort:
+                    if callable(data):
+                        data = data()
+                    if entry is not None:
+                        entry.crc = zlib.crc32(data, entry.crc)
+                    self._out(data)
+            except BaseException as e:  # kept for the caller, who raises it
+                self._error = e
+            finally:
+                if buf is not None:
+                    self._free.put(buf)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._thread.is_alive():
+            raise RuntimeError("the .pt writing thread stopped")
+
+    def buffer(self) -> bytearray:
+        """A chunk buffer, waiting for one to come back where _BUFFERS are in flight."""
+        self._check()
+        if self._made < _BUFFERS:
+            self._made += 1
+            return bytearray(_COPY_CHUNK)
+        while True:
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                self._check()
+
+    def put(self, data: Any, entry: _Entry | None, buf: bytearray | None) -> None:
+        """Queue DATA (or a function making it) for writing, after what is queued already."""
+        self._check()
+        self._tasks.put((data, entry, buf))
+
+    def wait(self) -> None:
+        """Until everything queued is written (raising what the thread met)."""
+        done = threading.Event()
+        self._tasks.put((lambda: (done.set(), b"")[1], None, None))
+        while not done.wait(0.5):
+            self._check()
+        self._check()
+
+    def stop(self, *, abort: bool) -> None:
+        """End the thread: after writing what is queued, or (ABORT) dropping it."""
+        if not self._thread.is_alive():
+            return
+        self._abort = abort
+        self._tasks.put(None)
+        self._thread.join()
+        if not abort:
+            self._check_error()
+
+    def _check_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _zip64_fields(size: int, offset: int, *, local: bool) -> bytes:
