@@ -15,7 +15,9 @@ second half, the CRC-32s combined, is torch's). torch only logs it.
 
 `pickle_checkpoint` pickles an object tree in which tensors still to be written are
 `TensorRef`s over `StorageRef`s (real torch tensors, where the tree holds some, are pickled as
-torch pickles them); `PtWriter` then takes each storage's bytes in that order.
+torch pickles them); `PtWriter` then takes each storage's bytes in that order. A second thread
+does the writing (and the CRC-32s), fed from a few pooled chunks, so that making the next
+tensor overlaps writing the last with memory bounded.
 """
 
 from __future__ import annotations
@@ -480,11 +482,7 @@ class _Drain:
         self._abort = abort
         self._tasks.put(None)
         self._thread.join()
-        if not abort:
-            self._check_error()
-
-    def _check_error(self) -> None:
-        if self._error is not None:
+        if not abort and self._error is not None:
             raise self._error
 
 
