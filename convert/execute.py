@@ -400,7 +400,9 @@ def _write_record(ckpt: Checkpoint, r: Any, w: Any) -> None:
             w.write(_tensor_bytes(t))
     else:
         loc = ckpt.storage_range(r.storage)  # type: ignore[attr-defined]
-        if loc is not None:
+        if loc is not None and loc[2] is not None:
+            w.copy_whole(loc[0], loc[1], r.nbytes, loc[2])
+        elif loc is not None:
             w.copy(loc[0], loc[1], r.nbytes)
         elif r.nbytes:
             w.write(_tensor_bytes(r.storage))

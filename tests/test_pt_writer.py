@@ -231,6 +231,18 @@ def test_pt_to_pt_keeps_extras_ties_and_views_byte_for_byte(tmp_path):
     assert loaded["ema"]["fc.weight"].shape == (OUT, IN)
 
 
+def test_kept_storages_of_a_pt_source_are_copied_unread(tmp_path, monkeypatch):
+    """A kept storage is a whole record of the source archive: copied by the kernel with the
+    CRC-32 the source recorded (the byte-for-byte tests check both)."""
+    copied = []
+    real = pt_writer.PtWriter.copy_whole
+    monkeypatch.setattr(pt_writer.PtWriter, "copy_whole",
+                        lambda self, *a: (copied.append(a[2]), real(self, *a)))
+    _convert_and_check(_training_checkpoint(tmp_path), tmp_path / "o.pt",
+                       layers=["fc.weight", "head.weight"])
+    assert 40 * 4 in copied  # the table the two views share, once
+
+
 def test_legacy_pt_source_is_written_from_memory_byte_for_byte(tmp_path):
     """A pre-1.6 (non-zip) torch.save file cannot be mapped: its kept storages are written
     from memory, shared ones still once."""

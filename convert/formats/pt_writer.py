@@ -36,8 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import AtomicFile
-from .safetensors import read_into
+from ..errors import CorruptInputError
+from .atomic import AtomicFile, output_error
+from .safetensors import USE_COPY_FILE_RANGE, read_into
+from .safetensors import _copy_range as copy_range
 
 PREFIX = "archive/"  # torch.save names the folder so when it writes to a file object
 ALIGNMENT = 64  # torch.serialization's storage alignment
@@ -272,6 +274,8 @@ class PtWriter(AtomicFile):
         self._current: _Entry | None = None
         self._written = 0
         self._drain: _Drain | None = None
+        self._scratch: bytearray | None = None
+        self._kernel = [USE_COPY_FILE_RANGE]
 
     def __enter__(self) -> PtWriter:
         super().__enter__()
@@ -355,6 +359,32 @@ class PtWriter(AtomicFile):
             drain.put(memoryview(buf)[:n], entry, buf)
             offset += n
             length -= n
+
+    def copy_whole(self, fd: int, offset: int, length: int, crc: int) -> None:
+        """The current record is LENGTH bytes of FD at OFFSET whose CRC-32 is known (a whole
+        record of a source archive): copied by the kernel, never read."""
+        entry = self._current
+        drain = self._drain
+        assert entry is not None and drain is not None and self._written == 0
+        self._written += length
+        self._pos += length
+        entry.crc = crc
+        drain.put(lambda: self._copy_range(fd, offset, length), None, None)
+
+    def _copy_range(self, src: int, offset: int, length: int) -> bytes:
+        """(On the writing thread) copy_file_range, or read and write where refused."""
+        if self._scratch is None:
+            self._scratch = bytearray(_COPY_CHUNK)
+        try:
+            while length:
+                n = copy_range(src, self.fd, offset, length, self._scratch, self._kernel)
+                if n == 0:
+                    raise CorruptInputError("a checkpoint file shrank while it was being read.")
+                offset += n
+                length -= n
+        except OSError as e:
+            raise output_error(self.dst, e) from e
+        return b""
 
     def end(self) -> None:
         """Close the current record: its data descriptor, its directory entry."""

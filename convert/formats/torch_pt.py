@@ -418,6 +418,7 @@ class TorchSource(Source):
         self._madvise = _madvise()
         self._fds: dict[Path, int] = {}
         self._located: dict[str, tuple[int, int] | None] = {}
+        self._records: dict[Path, dict[int, tuple[int, int]]] = {}
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -431,12 +432,20 @@ class TorchSource(Source):
             self._located[key] = self._locate(self._tensors[key])
         return self._located[key]
 
-    def storage_range(self, storage: Any) -> tuple[int, int] | None:
-        """Where a loaded STORAGE's bytes lie in its file (as `raw_range`), for a writer that
-        keeps the storage whole."""
+    def storage_range(self, storage: Any) -> tuple[int, int, int | None] | None:
+        """Where a loaded STORAGE's bytes lie in its file (as `raw_range`), and the CRC-32
+        its archive records for them where they are one whole record (torch maps each storage
+        from its own): what a writer that keeps the storage whole needs to copy it unread."""
         if storage.nbytes() == 0:
             return None
-        return self._locate_bytes(storage.data_ptr(), storage.nbytes())
+        loc = self._locate_bytes(storage.data_ptr(), storage.nbytes())
+        if loc is None:
+            return None
+        path = next(p for p, fd in self._fds.items() if fd == loc[0])
+        if path not in self._records:
+            self._records[path] = _record_crcs(path)
+        size, crc = self._records[path].get(loc[1], (-1, 0))
+        return loc[0], loc[1], crc if size == storage.nbytes() else None
 
     def _locate(self, t: Any) -> tuple[int, int] | None:
         if not t.is_contiguous() or t.numel() == 0:
@@ -506,6 +515,19 @@ class TorchSource(Source):
 
     def tensor(self, key: str) -> Any:
         return self._tensors[key]
+
+
+def _record_crcs(path: Path) -> dict[int, tuple[int, int]]:
+    """Each member of zip archive PATH (already checked by `check_archive`) by the offset of its
+    data: its size and CRC-32."""
+    out = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            f.seek(info.header_offset)
+            fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+            start = info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
+            out[start] = (info.file_size, info.CRC)
+    return out
 
 
 def _file_mappings(files: Sequence[Path]) -> list[tuple[Path, int, int, int]]:
