@@ -6,7 +6,10 @@ dtype, so it runs in numpy on unsigned views of the element width, 16 source row
 one strided copy or torch's `.t().contiguous()`). Untouched tensors the
 Source can hand over as a file range go to the Sink as a copy, never decoded. The source's
 SHA-256 is computed on a second thread while streaming; the Sink patches it into provenance at
-the end. `.pt` output is built as a state dict (torch.save writes it), with its extras.
+the end. `.pt` output is streamed too, in torch.save's own format (formats/pt_writer.py): the
+pickle first, from shapes alone, then each storage's bytes by the same loop; a training
+checkpoint's extras (an EMA copy, optimizer moments) are transposed one tensor at a time as
+their records are written.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .dtypes import DTYPES, nbytes_of
+from .dtypes import DTYPES, nbytes_of, swapped
 from .errors import CorruptInputError
 from .formats import safetensors as st
-from .formats.atomic import AtomicFile, output_error, partial_path
+from .formats.atomic import output_error, partial_path
 from .formats.safetensors import read_range
 from .formats.torch_pt import TorchSource
 from .plan import Plan
@@ -140,7 +143,7 @@ def apply_plan(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None 
         raise RuntimeError("apply_plan needs a plan with its output planned (plan_output)")
     start = time.perf_counter()
     if plan.output.format == "pt":
-        result = _write_pt(plan, ckpt, before_commit)
+        result = _write_pt(plan, ckpt, before_commit, progress)
     else:
         result = _write_safetensors(plan, ckpt, before_commit, progress)
     if plan.output.side_files:
@@ -285,35 +288,192 @@ def copy_side_files(pairs: Sequence[tuple[Path, Path]]) -> None:
 
 # --- .pt ------------------------------------------------------------------------------------
 
-def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None) -> ExecutionResult:
-    from .formats import torch_pt
+def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
+              progress: Progress | None = None) -> ExecutionResult:
+    """torch.save's format, streamed: data.pkl from the plan, then each storage's record."""
+    from .formats.pt_writer import PtWriter, pickle_checkpoint
 
     output = plan.output
     assert output is not None
-
     hasher = hash_sources(ckpt)
-    warnings: list[str] = []
-    new_sd = _convert_state_dict(plan, ckpt.tensor, ckpt)
-    is_torch = isinstance(ckpt, TorchSource)
-    if is_torch:
-        for k, v in ckpt.non_tensors.items():
-            new_sd[plan_target(plan, k)] = v
-    root: object = new_sd
-    if is_torch and len(ckpt.roots) == 1 and ckpt.key_paths[0]:
-        root = torch_pt.replace_at(ckpt.roots[0], ckpt.key_paths[0], new_sd)
-        root, warnings = _convert_extras(plan, ckpt, root)
-    expected = len(plan.written) + (len(ckpt.non_tensors) if is_torch else 0)
-    if len(new_sd) != expected:
-        raise RuntimeError(f"built {len(new_sd)} keys for {output.path}, planned {expected}")
-    with AtomicFile(output.path, overwrite=output.overwrite) as f:
-        torch_pt.save(root, f.fd, output.path)  # a full disk: exit 5; Ctrl-C stays an interrupt
+    root, warnings = _pt_root(plan, ckpt)
+    data, records = pickle_checkpoint(root, _torch() if isinstance(ckpt, TorchSource) else None)
+    with PtWriter(output.path, overwrite=output.overwrite) as w:
+        w.start(data)
+        _write_records(plan, ckpt, records, w, progress)
         sha = hasher.result()
-        f.fsync()
+        staged = w.finish()
         if before_commit is not None:
-            before_commit([f.tmp])
-        f.commit(sync=False)
+            before_commit([staged])
+        w.commit(sync=False)
     total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries)
     return ExecutionResult([output.path], len(plan.entries), total, sha, 0.0, warnings)
+
+
+def _pt_root(plan: Plan, ckpt: Checkpoint) -> tuple[Any, list[str]]:
+    """What torch.save would be given: the converted state dict (the source's own tensors where
+    a `.pt` source's are kept, so ties and shared storages stay shared; a TensorRef where the
+    plan makes the bytes), in its place in a training checkpoint, beside its extras."""
+    from .formats import torch_pt
+
+    is_torch = isinstance(ckpt, TorchSource)
+    new_sd: dict[str, Any] = {}
+    done: dict[str, Any] = {}
+    tie_of = {k: g[0] for g in plan.tied for k in g}
+    for e in plan.written:
+        if _restructured(e):
+            new_sd[e.key] = _planned_tensor(e, ckpt)
+            continue
+        head = tie_of.get(e.source)
+        if head is not None and head in done:
+            new_sd[e.key] = done[head]
+            continue
+        t = ckpt.tensor(e.source) if is_torch and not e.transpose else _planned_tensor(e, ckpt)
+        new_sd[e.key] = t
+        if head is not None:
+            done[head] = t
+    if not is_torch:
+        return new_sd, []
+    for k, v in ckpt.non_tensors.items():
+        new_sd[plan_target(plan, k)] = v
+    expected = len(plan.written) + len(ckpt.non_tensors)
+    if len(new_sd) != expected:
+        raise RuntimeError(f"built {len(new_sd)} keys for {plan.source}, planned {expected}")
+    if len(ckpt.roots) == 1 and ckpt.key_paths[0]:
+        root = torch_pt.replace_at(ckpt.roots[0], ckpt.key_paths[0], new_sd)
+        return _convert_extras(plan, ckpt, root, _later)
+    return new_sd, []
+
+
+def _restructured(e: Any) -> bool:
+    """A stack, a member of one, a part of a fused tensor or a merge."""
+    return len(e.pieces) > 1 or e.pieces[0].index is not None or bool(e.pieces[0].rows)
+
+
+def _planned_tensor(e: Any, ckpt: Checkpoint) -> Any:
+    """A TensorRef for entry E, its bytes streamed from the plan (made in memory instead for
+    a dtype only torch names, which the byte loop cannot size)."""
+    from .formats.pt_writer import TensorRef, storage_for, transposed_stride
+
+    d = DTYPES.get(e.dtype)
+    if d is None or d.torch_name is None:
+        return _later(lambda: _assemble(e, ckpt.tensor), e.dtype, e.shape)
+    return TensorRef(storage_for(d.torch_name, d.itemsize, e.shape, e), e.shape,
+                     transposed_stride(e.shape) if e.transpose else ())
+
+
+def _later(make: Callable[[], Any], dtype: Any, shape: tuple[int, ...]) -> Any:
+    """A TensorRef whose tensor MAKE builds only when its record is written (.pt extras)."""
+    from .dtypes import torch_dtype
+    from .formats.pt_writer import TensorRef, storage_for
+
+    d = dtype if not isinstance(dtype, str) else torch_dtype(dtype)
+    return TensorRef(storage_for(str(d).removeprefix("torch."), d.itemsize, shape, make), shape)
+
+
+def _now(make: Callable[[], Any], dtype: Any, shape: tuple[int, ...]) -> Any:
+    """The tensor itself (a state dict in memory)."""
+    return make()
+
+
+def _write_records(plan: Plan, ckpt: Checkpoint, records: list[Any], w: Any,
+                   progress: Progress | None) -> None:
+    """Each storage's record, in the pickle's order: the planned entries through the one loop
+    (in one pass, so its buffers are made once), and between them, as their turn comes, a
+    `.pt` source's storages copied whole and extras made one at a time."""
+    from .formats.pt_writer import StorageRef
+    from .plan import Entry
+
+    planned = {id(r): r.storage.source for r in records
+               if isinstance(r.storage, StorageRef) and isinstance(r.storage.source, Entry)}
+    sink = _RecordSink(w, records, planned, lambda r: _write_record(ckpt, r, w))
+    stream_entries(replace(plan, entries=tuple(planned.values())), ckpt, sink, progress)
+    sink.close()
+
+
+def _write_record(ckpt: Checkpoint, r: Any, w: Any) -> None:
+    """A record the plan does not stream: an extra, made now, or a `.pt` source's storage."""
+    from .formats.pt_writer import StorageRef
+
+    w.begin(f"data/{r.key}", r.nbytes)
+    if isinstance(r.storage, StorageRef):
+        t = r.storage.source()
+        if t.numel():
+            w.write(_tensor_bytes(t))
+    else:
+        loc = ckpt.storage_range(r.storage)  # type: ignore[attr-defined]
+        if loc is not None and loc[2] is not None:
+            w.copy_whole(loc[0], loc[1], r.nbytes, loc[2])
+        elif loc is not None:
+            w.copy(loc[0], loc[1], r.nbytes)
+        elif r.nbytes:
+            w.write(_tensor_bytes(r.storage))
+    w.end()
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _tensor_bytes(t: Any) -> Any:
+    """The bytes of a contiguous tensor, or of a whole torch storage, without a copy."""
+    import torch
+
+    if isinstance(t, torch.Tensor):
+        return t.reshape(-1).view(torch.uint8).numpy()
+    return torch.empty(0, dtype=torch.uint8).set_(t).numpy()
+
+
+class _RecordSink:
+    """stream_entries' sink for a `.pt` archive: each entry's bytes are its record; the records
+    before it that the loop does not make (WRITE_OTHER's) are written as its turn comes."""
+
+    def __init__(self, w: Any, records: list[Any], planned: dict[int, Any],
+                 write_other: Callable[[Any], None]):
+        self.w = w
+        self.records = records
+        self.planned = planned
+        self.write_other = write_other
+        self.next = 0
+        self.open: str | None = None
+
+    def _at(self, key: str) -> None:
+        while self.open != key:
+            self._advance(key)
+
+    def _advance(self, key: str | None) -> None:
+        if self.open is not None:
+            self.w.end()
+            self.open = None
+        if self.next == len(self.records):
+            raise RuntimeError(f"the plan streamed '{key}', which the .pt archive has no "
+                               "record for")
+        r = self.records[self.next]
+        self.next += 1
+        entry = self.planned.get(id(r))
+        if entry is None:
+            self.write_other(r)
+            return
+        self.w.begin(f"data/{r.key}", r.nbytes)
+        self.open = entry.key
+
+    def write(self, key: str, data: Any) -> None:
+        self._at(key)
+        self.w.write(data)
+
+    def copy(self, key: str, fd: int, offset: int, length: int) -> None:
+        self._at(key)
+        self.w.copy(fd, offset, length)
+
+    def close(self) -> None:
+        """End the last record, and write the rest (and those the loop had no bytes for)."""
+        while self.next < len(self.records):
+            self._advance(None)
+        if self.open is not None:
+            self.w.end()
+            self.open = None
 
 
 def plan_target(plan: Plan, key: str) -> str:
@@ -325,15 +485,16 @@ def plan_target(plan: Plan, key: str) -> str:
     return key
 
 
-def _convert_state_dict(plan: Plan, get: Any, ckpt: Checkpoint | None) -> dict[str, Any]:
-    """A new state dict: transposed tensors made contiguous, ties kept as one tensor."""
+def _convert_state_dict(plan: Plan, get: Any, ckpt: Checkpoint | None,
+                        made: Any = _now) -> dict[str, Any]:
+    """A new state dict: transposed tensors made contiguous (by MADE: now, or as a .pt
+    record is written), ties kept as one tensor."""
     out: dict[str, Any] = {}
     done: dict[str, Any] = {}
     tie_of = {k: g[0] for g in plan.tied for k in g}
     for a in plan.written:
-        if len(a.pieces) > 1 or a.pieces[0].index is not None or a.pieces[0].rows:
-            # a stack, a member of one, a part of a fused tensor or a merge
-            out[a.target] = _assemble(a, get)
+        if _restructured(a):
+            out[a.target] = made(lambda a=a: _assemble(a, get), a.dtype, a.shape)
             continue
         head = tie_of.get(a.source)
         if head is not None and head in done:
@@ -341,12 +502,19 @@ def _convert_state_dict(plan: Plan, get: Any, ckpt: Checkpoint | None) -> dict[s
             continue
         t = get(a.source)
         if a.transpose:
-            t = t.detach().transpose(-2, -1).contiguous()
-            if ckpt is not None:
-                ckpt.release(a.source)
+            t = made(lambda t=t, a=a: _transposed(t, ckpt, a.source), t.dtype,
+                     swapped(tuple(t.shape)))
         out[a.target] = t
         if head is not None:
             done[head] = t
+    return out
+
+
+def _transposed(t: Any, ckpt: Checkpoint | None, key: str) -> Any:
+    """T with its last two dims swapped, contiguous; the source's pages released."""
+    out = t.detach().transpose(-2, -1).contiguous()
+    if ckpt is not None:
+        ckpt.release(key)
     return out
 
 
@@ -370,7 +538,8 @@ def _assemble(entry: Any, get: Any) -> Any:
     return (out.transpose(-2, -1) if entry.transpose else out).contiguous()
 
 
-def _convert_extras(plan: Plan, ckpt: TorchSource, root: Any) -> tuple[Any, list[str]]:
+def _convert_extras(plan: Plan, ckpt: TorchSource, root: Any,
+                    made: Any = _now) -> tuple[Any, list[str]]:
     """EMA copies get the same plan; optimizer moments follow their weights when certain."""
     if not isinstance(root, Mapping):
         return root, []
@@ -383,10 +552,12 @@ def _convert_extras(plan: Plan, ckpt: TorchSource, root: Any) -> tuple[Any, list
         if set(value) == set(sd) and all(
             getattr(value[k], "shape", None) == getattr(sd[k], "shape", None) for k in sd
         ):
-            out[name] = _convert_state_dict(plan, value.__getitem__, None)
+            out[name] = ema = _convert_state_dict(plan, value.__getitem__, None, made)
+            for k in ckpt.non_tensors:  # as in the state dict itself
+                ema[plan_target(plan, k)] = value[k]
         elif isinstance(value.get("state"), Mapping) and isinstance(value.get("param_groups"),
                                                                      list):
-            out[name], w = _convert_optimizer(plan, str(name), value)
+            out[name], w = _convert_optimizer(plan, str(name), value, made)
             warnings += w
     return out, warnings
 
@@ -405,7 +576,8 @@ def _indices_from_model(plan: Plan, groups: list[Any]) -> dict[Any, str]:
     return {i: source_of[in_order[i]] for i in indices}
 
 
-def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[Any, list[str]]:
+def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any],
+                       made: Any = _now) -> tuple[Any, list[str]]:
     by_source = {a.source: a for a in plan.actions}
     transposed = {a.source: a for a in plan.transposed}
     if not transposed:
@@ -423,7 +595,8 @@ def _convert_optimizer(plan: Plan, name: str, opt: Mapping[str, Any]) -> tuple[A
         for idx, entry in state.items():
             a = transposed.get(names.get(idx, ""))
             if a is not None and isinstance(entry, Mapping):
-                entry = {k: (v.detach().transpose(-2, -1).contiguous()
+                entry = {k: (made(lambda v=v: _transposed(v, None, ""), v.dtype,
+                                  swapped(tuple(v.shape)))
                              if getattr(v, "shape", None) is not None
                              and tuple(v.shape) == a.source_shape
                              else v) for k, v in entry.items()}

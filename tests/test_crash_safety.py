@@ -162,7 +162,7 @@ def test_sigkill_while_writing_leaves_the_old_dst(tmp_path, runner, big_src, nam
 
 @pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
                                                    (signal.SIGTERM, 143, "terminated")])
-@pytest.mark.parametrize("name", ["o.safetensors", "o-folder/"])
+@pytest.mark.parametrize("name", ["o.safetensors", "o.pt", "o-folder/"])
 def test_interrupt_while_writing_cleans_up(tmp_path, big_src, name, sig, code, word):
     """The signal lands the moment the temporary file appears (inside AtomicFile.__enter__,
     right after os.open returns, as often as not): still nothing left behind."""
@@ -247,49 +247,6 @@ def test_ctrl_c_inside_a_pt_write_is_exit_130(tmp_path, runner, monkeypatch, sma
     assert res.exit_code == 130, res.stderr
     assert dst.read_bytes() == OLD
     assert _partials(tmp_path) == []
-
-
-def test_torch_pt_save_keeps_the_reason_of_a_failed_write(tmp_path, monkeypatch):
-    """torch_pt.save, the .pt writer execute.py should use: ENOSPC is exit 5 with its reason,
-    an interrupt inside a write stays an interrupt (torch alone says 'unexpected pos')."""
-    import errno
-
-    from convert.errors import OutputError
-    from convert.formats import torch_pt
-
-    sd = {"w": torch.randn(300, 200)}
-    real_write = os.write
-    failure: list[BaseException] = []
-
-    writes = []
-
-    def failing(fd, data):
-        if _fd_is(fd, "t.pt") and failure:
-            writes.append(len(data))
-            if len(writes) >= 3:  # after the first records, as a real signal would land
-                exc = failure[0]
-                if isinstance(exc, KeyboardInterrupt):
-                    failure.clear()  # one Ctrl-C; the disk, once full, stays full
-                raise exc
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", failing)
-    for exc, expected, text in [(OSError(errno.ENOSPC, "No space left"), OutputError,
-                                 "the disk is full"),
-                                (KeyboardInterrupt(), KeyboardInterrupt, None)]:
-        failure[:] = [exc]
-        writes.clear()
-        fd = os.open(tmp_path / "t.pt", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            with pytest.raises(expected, match=text):
-                torch_pt.save(sd, fd, tmp_path / "t.pt")
-        finally:
-            os.close(fd)
-    failure.clear()
-    fd = os.open(tmp_path / "t.pt", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-    torch_pt.save(sd, fd, tmp_path / "t.pt")
-    os.close(fd)
-    assert torch.equal(torch.load(tmp_path / "t.pt", weights_only=True, mmap=True)["w"], sd["w"])
 
 
 def test_interrupted_sharded_write_with_an_old_index_is_caught_on_read(tmp_path, runner,

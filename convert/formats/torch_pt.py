@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import io
 import mmap
 import os
 import pickle
@@ -28,7 +27,6 @@ from typing import Any, BinaryIO
 
 from ..dtypes import dtype_from_torch
 from ..errors import CorruptInputError, UnsafeInputError, UsageError
-from .atomic import output_error
 from .safetensors import looks_like_safetensors, open_regular, read_into, shorten
 from .source import Source, TensorSpec
 
@@ -114,70 +112,6 @@ def load(path: Path, allow_globals: Sequence[str] = ()) -> object:
             struct.error, RecursionError, NotImplementedError, AssertionError) as e:
         raise CorruptInputError(f"'{path}' is not a readable torch checkpoint: "
                                 f"{_what_went_wrong(head, is_zip, e)}.") from e
-
-
-def save(obj: object, fd: int, dst: Path) -> None:
-    """torch.save OBJ into FD, the open temporary file of DST.
-
-    torch's zip writer turns anything raised by a write into a bare RuntimeError ("unexpected
-    pos"): a full disk, and a Ctrl-C or SIGTERM that lands inside a write. The sink keeps what
-    was raised, so that the first is exit 5 with its reason and the second stays an interrupt.
-
-    Raises:
-        OutputError: the bytes could not be written.
-    """
-    import torch
-
-    sink = _Sink(fd)
-    try:
-        torch.save(obj, sink)
-    except (OSError, RuntimeError) as e:
-        interrupt = sink.interrupt or _interrupt_in(e)
-        if interrupt is not None:
-            raise interrupt from None
-        error = sink.error or (e if isinstance(e, OSError) else None)
-        if error is None:
-            raise
-        raise output_error(dst, error) from e
-
-
-def _interrupt_in(e: BaseException) -> BaseException | None:
-    """A KeyboardInterrupt (or SIGTERM's exception) that E replaced while it was handled."""
-    seen = set()
-    cause = e.__context__
-    while cause is not None and id(cause) not in seen:
-        if not isinstance(cause, Exception):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__context__
-    return None
-
-
-class _Sink(io.RawIOBase):
-    """A write-only file over FD that remembers the first error or interrupt a write met."""
-
-    def __init__(self, fd: int):
-        super().__init__()
-        self.fd = fd
-        self.error: OSError | None = None
-        self.interrupt: BaseException | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: object) -> int:
-        view = memoryview(data).cast("B")  # type: ignore[arg-type]
-        total = len(view)
-        try:
-            while view:
-                view = view[os.write(self.fd, view):]
-        except OSError as e:
-            self.error = self.error or e
-            raise
-        except BaseException as e:  # KeyboardInterrupt, SIGTERM's Terminated
-            self.interrupt = self.interrupt or e
-            raise
-        return total
 
 
 # --- zip archives (torch.save since 1.6) ------------------------------------------------------
@@ -490,6 +424,7 @@ class TorchSource(Source):
         self._madvise = _madvise()
         self._fds: dict[Path, int] = {}
         self._located: dict[str, tuple[int, int] | None] = {}
+        self._records: dict[Path, dict[int, tuple[int, int]]] = {}
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -503,12 +438,33 @@ class TorchSource(Source):
             self._located[key] = self._locate(self._tensors[key])
         return self._located[key]
 
-    def _locate(self, t: Any) -> tuple[int, int] | None:
-        if not self._maps or not t.is_contiguous() or t.numel() == 0 or sys.byteorder != "little":
+    def storage_range(self, storage: Any) -> tuple[int, int, int | None] | None:
+        """Where a loaded STORAGE's bytes lie in its file (as `raw_range`), and the CRC-32
+        its archive records for them where they are one whole record (torch maps each storage
+        from its own): what a writer that keeps the storage whole needs to copy it unread."""
+        if storage.nbytes() == 0:
             return None
-        addr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        loc = self._locate_bytes(storage.data_ptr(), storage.nbytes())
+        if loc is None:
+            return None
+        path = next(p for p, fd in self._fds.items() if fd == loc[0])
+        if path not in self._records:
+            self._records[path] = _record_crcs(path)
+        size, crc = self._records[path].get(loc[1], (-1, 0))
+        return loc[0], loc[1], crc if size == storage.nbytes() else None
+
+    def _locate(self, t: Any) -> tuple[int, int] | None:
+        if not t.is_contiguous() or t.numel() == 0:
+            return None
+        return self._locate_bytes(
+            t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(),
+            t.numel() * t.element_size())
+
+    def _locate_bytes(self, addr: int, length: int) -> tuple[int, int] | None:
+        if not self._maps or sys.byteorder != "little":
+            return None
         for path, start, end, offset in self._maps:
-            if start <= addr and addr + t.numel() * t.element_size() <= end:
+            if start <= addr and addr + length <= end:
                 fd = self._fds.get(path)
                 if fd is None:
                     fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -565,6 +521,19 @@ class TorchSource(Source):
 
     def tensor(self, key: str) -> Any:
         return self._tensors[key]
+
+
+def _record_crcs(path: Path) -> dict[int, tuple[int, int]]:
+    """Each member of zip archive PATH (already checked by `check_archive`) by the offset of its
+    data: its size and CRC-32."""
+    out = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            f.seek(info.header_offset)
+            fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+            start = info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
+            out[start] = (info.file_size, info.CRC)
+    return out
 
 
 def _file_mappings(files: Sequence[Path]) -> list[tuple[Path, int, int, int]]:

@@ -10,7 +10,9 @@ separate processes interleaved A/B and repeated (median, min, max):
 
 - naive safetensors: load_file -> .t().contiguous() on the four weight kinds -> save_file
 - naive .pt: torch.load -> the same -> torch.save
+- naive safetensors -> .pt: load_file -> the same -> torch.save
 - linconvert to-linear --no-verify, safetensors -> safetensors and .pt -> safetensors
+- linconvert to-linear --no-verify into .pt (streamed in torch.save's format), from both
 - linconvert to-linear with verification (for information)
 - floor: copy the file and fsync
 - linconvert --help
@@ -45,6 +47,15 @@ save_file({{k: (v.t().contiguous() if k.endswith(kinds) else v) for k, v in sd.i
 NAIVE_PT = f"""
 import sys, torch
 sd = torch.load(sys.argv[1], weights_only=True)
+kinds = {KINDS!r}
+torch.save({{k: (v.t().contiguous() if k.endswith(kinds) else v) for k, v in sd.items()}},
+           sys.argv[2])
+"""
+
+NAIVE_ST_PT = f"""
+import sys, torch
+from safetensors.torch import load_file
+sd = load_file(sys.argv[1])
 kinds = {KINDS!r}
 torch.save({{k: (v.t().contiguous() if k.endswith(kinds) else v) for k, v in sd.items()}},
            sys.argv[2])
@@ -184,6 +195,12 @@ def measure(layers: int, folder: Path, repeat: int) -> dict[str, list[tuple[floa
                                               str(out_pt)],
         "linconvert pt->st --no-verify": [*lc, "to-linear", str(pt), "-o", str(out_st),
                                           "--no-verify", *common],
+        "naive st->.pt (load_file/torch.save)": [sys.executable, "-c", NAIVE_ST_PT, str(st),
+                                                 str(out_pt)],
+        "linconvert st->.pt --no-verify": [*lc, "to-linear", str(st), "-o", str(out_pt),
+                                           "--no-verify", *common],
+        "linconvert .pt->.pt --no-verify": [*lc, "to-linear", str(pt), "-o", str(out_pt),
+                                            "--no-verify", *common],
         "linconvert st->st with verify": [*lc, "to-linear", str(st), "-o", str(out_st),
                                           *common],
         "floor: copy + fsync": [sys.executable, "-c", FLOOR, str(st), str(out_st)],
@@ -274,12 +291,19 @@ def main() -> None:
                 med["linconvert st->st --no-verify"]
             n_pt, l_pt = med["naive .pt (torch.load/torch.save)"], \
                 med["linconvert pt->st --no-verify"]
+            n_st_pt, l_st_pt = med["naive st->.pt (load_file/torch.save)"], \
+                med["linconvert st->.pt --no-verify"]
+            l_pt_pt = med["linconvert .pt->.pt --no-verify"]
             floor = med["floor: copy + fsync"][0]
             peak[layers] = l_st[1]
             checks = [
                 ("st->st peak RSS / naive", l_st[1] / n_st[1], 0.4, "target"),
                 ("st->st wall / naive", l_st[0] / n_st[0], 1.0, "target"),
                 ("pt->st peak RSS / naive .pt", l_pt[1] / n_pt[1], 0.5, "target"),
+                ("st->.pt wall / naive st->.pt", l_st_pt[0] / n_st_pt[0], 0.8, "target"),
+                ("st->.pt peak RSS / naive st->.pt", l_st_pt[1] / n_st_pt[1], 0.3, "target"),
+                (".pt->.pt wall / naive .pt", l_pt_pt[0] / n_pt[0], 0.8, "target"),
+                (".pt->.pt peak RSS / naive .pt", l_pt_pt[1] / n_pt[1], 0.3, "target"),
                 ("--help wall (s)", med["linconvert --help"][0], 0.5, "target"),
                 ("st->st wall / floor (copy+fsync)", l_st[0] / floor, 2.0, "DESIGN.md's aim"),
             ]
