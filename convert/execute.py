@@ -127,13 +127,16 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
 def apply_plan(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None = None, *,
-               progress: Progress | None = None) -> ExecutionResult:
+               progress: Progress | None = None,
+               streamed: Callable[[], None] | None = None) -> ExecutionResult:
     """Write what PLAN says (its entries, into the files of its output plan), tensor by tensor;
     publish them only when complete.
 
     BEFORE_COMMIT, if given, gets the fsynced temporary files (in output order) and may raise
     to stop the publication (verify-after-convert); nothing is left behind then. PROGRESS, if
-    given, hears the bytes written after each tensor.
+    given, hears the bytes written after each tensor. STREAMED, if given, is called once every
+    tensor is written, before the files are finished and fsynced (verification starts its
+    import of torch there: earlier, the import's hold on the GIL slows the streaming loop).
 
     Raises:
         CorruptInputError: the source changed or could not be read.
@@ -143,9 +146,9 @@ def apply_plan(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None 
         raise RuntimeError("apply_plan needs a plan with its output planned (plan_output)")
     start = time.perf_counter()
     if plan.output.format == "pt":
-        result = _write_pt(plan, ckpt, before_commit, progress)
+        result = _write_pt(plan, ckpt, before_commit, progress, streamed)
     else:
-        result = _write_safetensors(plan, ckpt, before_commit, progress)
+        result = _write_safetensors(plan, ckpt, before_commit, progress, streamed)
     if plan.output.side_files:
         copy_side_files(plan.output.side_files)
     result.seconds = time.perf_counter() - start
@@ -248,7 +251,8 @@ def _member_bytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 
 def _write_safetensors(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
-                       progress: Progress | None = None) -> ExecutionResult:
+                       progress: Progress | None = None,
+                       streamed: Callable[[], None] | None = None) -> ExecutionResult:
     out = plan.output
     assert out is not None
     by_key = {e.key: e for e in plan.entries}
@@ -266,6 +270,8 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit
     with st.SafetensorsSink(files, out.index, metadata_for(provenance_for(plan, ckpt)),
                             overwrite=out.overwrite) as sink:
         stream_entries(plan, ckpt, sink, progress)
+        if streamed is not None:
+            streamed()
         sha = hasher.result()
         staged = sink.finish(metadata_for(provenance_for(plan, ckpt, sha)))
         if before_commit is not None:
@@ -289,7 +295,8 @@ def copy_side_files(pairs: Sequence[tuple[Path, Path]]) -> None:
 # --- .pt ------------------------------------------------------------------------------------
 
 def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
-              progress: Progress | None = None) -> ExecutionResult:
+              progress: Progress | None = None,
+              streamed: Callable[[], None] | None = None) -> ExecutionResult:
     """torch.save's format, streamed: data.pkl from the plan, then each storage's record."""
     from .formats.pt_writer import PtWriter, pickle_checkpoint
 
@@ -301,6 +308,8 @@ def _write_pt(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
     with PtWriter(output.path, overwrite=output.overwrite) as w:
         w.start(data)
         _write_records(plan, ckpt, records, w, progress)
+        if streamed is not None:
+            streamed()
         sha = hasher.result()
         staged = w.finish()
         if before_commit is not None:
