@@ -6,20 +6,19 @@ arguments and raise `ConvertError` subclasses (each with its exit code) instead 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, open_checkpoint, open_written, source_kind
 from .companions import CompanionError, Role, classify, companion_map, quantized_weight
 from .dtypes import is_float_weight
 from .errors import UsageError
-from .execute import apply_plan
 from .layout import Layout
-from .plan import Plan, build_export_plan, build_plan, plan_output, resolve_output, source_facts
 from .selection import (
     Selection,
     bias_evidence,
@@ -27,7 +26,10 @@ from .selection import (
     selection_from,
     with_config,
 )
-from .verify import VerifyReport
+
+if TYPE_CHECKING:  # planning, execution and verification load on first use, not for inspect
+    from .plan import Plan
+    from .verify import VerifyReport
 
 
 @dataclass
@@ -63,6 +65,8 @@ def plan_conversion(ckpt: Checkpoint, target: Layout, selection: Selection | Non
                     **options: Any) -> Plan:
     """The entries of a conversion of an opened checkpoint (headers only; a `--model` in the
     selection imports torch). OPTIONS, instead of SELECTION, are its parts as keywords."""
+    from .plan import build_plan
+
     selection = with_config(selection_from(selection, options), Path(ckpt.path))
     reference = build_reference(selection.model) if selection.model else None
     return build_plan(ckpt.specs, target, selection, reference=reference,
@@ -92,6 +96,9 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
     raises NotEquivalentError (exit 1) and leaves no DST. HTML names a verdict page to write
     (see `convert.verify.html`), also when verification fails.
     """
+    from .execute import apply_plan
+    from .plan import build_export_plan, plan_output, resolve_output, source_facts
+
     src_path = Path(src)
     if os.fspath(src) == "-":
         raise UsageError("SRC '-' (standard input) is not supported; name a checkpoint file.")
@@ -504,12 +511,9 @@ def public(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+@functools.cache
 def public_api() -> Mapping[str, Callable[..., Any]]:
     """The operations as `convert.<name>` offers them (errors in the API's words)."""
-    return _PUBLIC
-
-
-def _public_table() -> Mapping[str, Callable[..., Any]]:
     from types import MappingProxyType
 
     from .batching import batch
@@ -519,6 +523,3 @@ def _public_table() -> Mapping[str, Callable[..., Any]]:
            "inspect_checkpoint": inspect_checkpoint, "plan_conversion": plan_conversion,
            "batch": batch, "swap_modules": swap_modules}
     return MappingProxyType({k: public(f) for k, f in ops.items()})
-
-
-_PUBLIC = _public_table()

@@ -21,7 +21,7 @@ from typing import Any
 
 from .checkpoint import CHECKPOINT_SUFFIXES, open_checkpoint
 from .errors import ConvertError, UsageError
-from .formats.dcp import is_dcp
+from .formats import is_dcp
 from .layout import Layout
 
 JOURNAL = ".linconvert-journal.jsonl"

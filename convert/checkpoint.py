@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import CorruptInputError
-from .formats import dcp, sharded, torch_pt
+from .formats import is_dcp, sharded, torch_pt
 from .formats import safetensors as st
 from .formats.source import ArraySource, TensorSpec
 from .formats.source import Source as Checkpoint
@@ -42,7 +42,7 @@ def _sniff(path: Path) -> str:
 def source_kind(path: Path) -> str:
     """"safetensors", "pt", "index", "folder", "dcp", "flax" or "keras" for PATH; exit 4
     otherwise."""
-    if dcp.is_dcp(path):
+    if is_dcp(path):
         return "dcp"
     if path.is_dir():
         return "folder"
@@ -109,6 +109,8 @@ def open_checkpoint(path: Path | str, *, state_dict_key: str | None = None,
         target = find_in_folder(path)
         kind = source_kind(target)
     if kind == "dcp":
+        from .formats import dcp
+
         ckpt = dcp.DcpSource(path, state_dict_key, allow_globals)
     elif kind in ("flax", "keras"):
         ckpt = _open_framework(target, kind)

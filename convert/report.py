@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .plan import OutputPlan, Plan
+if TYPE_CHECKING:  # `inspect` renders without loading the planner
+    from .plan import OutputPlan, Plan
 
 
 def _shape(shape: Sequence[int]) -> str:

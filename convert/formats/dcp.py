@@ -34,6 +34,7 @@ from typing import Any
 
 from ..dtypes import dtype_from_torch
 from ..errors import CorruptInputError, UnsafeInputError, UsageError
+from . import METADATA_NAME, dcp_folder
 from .safetensors import open_regular, read_into, shorten
 from .source import Source, TensorSpec
 from .torch_pt import (
@@ -46,21 +47,8 @@ from .torch_pt import (
     resolve_globals,
 )
 
-METADATA_NAME = ".metadata"
 SUFFIX = ".distcp"
 MAX_PAIRWISE = 1024  # chunks of one tensor checked pairwise for overlap; more: by their offsets
-
-
-def is_dcp(path: Path) -> bool:
-    """Whether PATH is a DCP folder (it holds `.metadata`) or that `.metadata` file itself."""
-    if path.name == METADATA_NAME:
-        return path.is_file()
-    return path.is_dir() and (path / METADATA_NAME).is_file()
-
-
-def dcp_folder(path: Path) -> Path:
-    """The folder of a DCP checkpoint named by its folder or its `.metadata`."""
-    return path.parent if path.name == METADATA_NAME else path
 
 
 # --- .metadata --------------------------------------------------------------------------------

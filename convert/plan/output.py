@@ -17,7 +17,7 @@ from typing import Any
 from ..checkpoint import CHECKPOINT_SUFFIXES, PT_SUFFIXES, SAFETENSORS_SUFFIX, source_kind
 from ..dtypes import DTYPES, nbytes_of
 from ..errors import OutputError, UsageError
-from ..formats.dcp import dcp_folder
+from ..formats import dcp_folder
 from ..layout import Layout
 from ..provenance import METADATA_KEY
 from ..selection import bias_key
