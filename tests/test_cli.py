@@ -177,12 +177,12 @@ def test_drop(fixture_dir, runner):
 
 
 def test_internal_error_is_70_with_one_line(monkeypatch, fixture_dir, runner):
-    import convert.api
+    import convert.execute
 
     def boom(*a, **k):
         raise RuntimeError("planted bug")
 
-    monkeypatch.setattr(convert.api, "apply_plan", boom)
+    monkeypatch.setattr(convert.execute, "apply_plan", boom)
     res = runner("to-linear", fixture_dir / "mlp_param.pt", "-o", fixture_dir / "o.pt")
     assert res.exit_code == 70
     assert "planted bug" in res.stderr and "Traceback" not in res.stderr
