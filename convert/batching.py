@@ -480,9 +480,9 @@ def _run_pool(args: list[tuple], jobs: int, fail_fast: bool,
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    # fork, and let each worker import torch on a thread while its first item streams (1.7 s
-    # that overlap I/O, instead of a serial import here). Only an initialised CUDA in this
-    # process makes fork unsafe: then spawn.
+    # fork, and let each worker import torch on a thread once its first item is streamed (1.4 s
+    # that overlap that item's fsync and hash, instead of a serial import here). Only an
+    # initialised CUDA in this process makes fork unsafe: then spawn.
     torch = sys.modules.get("torch")
     cuda_live = torch is not None and torch.cuda.is_initialized()
     method = "fork" if hasattr(os, "fork") and not cuda_live else "spawn"
