@@ -14,6 +14,9 @@ read it. How a companion follows its weight is decided from its role and its sha
 | scale      | `[r, c]` tiling `[R, C]` in blocks (`[out, 1]`) | transposed (`[1, out]`)      |
 | same-shape | `[R, C]`                                       | transposed (prune's mask)     |
 
+spectral_norm's `weight_u` `[out]` and `weight_v` `[in]` beside `weight_orig` are per-channel
+vectors: kept.
+
 A 4-bit packed weight (`weight_packed`) cannot be transposed byte by byte, and a `weight_shape`
 records the weight's shape as values: both are refused by name. No torch here.
 """
@@ -51,7 +54,8 @@ _SCALES = ("weight_scale", "weight_scale_inv", "weight_zero_point", "weight_glob
            "input_scale", "input_zero_point", "input_global_scale", "activation_scale")
 LAYER_FORMS: Mapping[str, tuple[tuple[str, Role], ...]] = MappingProxyType({
     "weight": (("bias", Role.BIAS), *((n, Role.SCALE) for n in _SCALES)),
-    "weight_orig": (("bias", Role.BIAS), ("weight_mask", Role.SAME_SHAPE)),  # prune
+    "weight_orig": (("bias", Role.BIAS), ("weight_mask", Role.SAME_SHAPE),  # prune
+                    ("weight_u", Role.SCALE), ("weight_v", Role.SCALE)),  # spectral_norm
     "weight_v": (("bias", Role.BIAS), ("weight_g", Role.SCALE)),  # weight_norm
     "parametrizations.weight.original1": (  # parametrizations.weight_norm
         ("bias", Role.BIAS), ("parametrizations.weight.original0", Role.SCALE)),
@@ -217,13 +221,14 @@ def companion_map(shapes: Mapping[str, tuple[int, ...]], rules: Sequence[Compani
     weights_at: dict[str, str] = {}
     for w in shapes:
         found = layer_of(w)
-        if found is None:
+        if found is None or len(shapes[w]) < 2:  # (spectral_norm's 1-D weight_v is no weight)
             continue
         prefix, form = found
         weights_at.setdefault(prefix, w)
         for name, role in LAYER_FORMS[form]:
             c = prefix + name
-            if role is not Role.BIAS and c in shapes and c not in out and layer_of(c) is None:
+            if role is not Role.BIAS and c in shapes and c not in out and (
+                    layer_of(c) is None or len(shapes[c]) < 2):
                 out[c] = w, role, None
     for k in shapes if rules else ():
         rule = next((r for r in rules if r.matches(k)), None)

@@ -364,3 +364,38 @@ def test_without_provenance_a_grid_left_as_it_was_fails_naming_it(tmp_path, runn
     assert res.exit_code == 1, res.stdout + res.stderr
     assert any(line.startswith("FAIL") and grid in line and "is not the transpose" in line
                for line in res.stdout.splitlines()), res.stdout
+
+
+def test_spectral_norm_vectors_are_kept_and_its_layer_verifies(tmp_path, runner):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    twin = nn.Sequential(ParamLinear(4, 6), nn.ReLU(), ParamLinear(6, 3))
+    for i in (0, 2):
+        nn.utils.spectral_norm(model[i])
+        nn.utils.spectral_norm(twin[i], dim=1)  # ParamLinear's output dim
+    model(torch.randn(3, 4))  # one power iteration: u and v as a trained model has them
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "sn.pt")
+    res = runner("to-param", tmp_path / "sn.pt", "-o", tmp_path / "p.pt")
+    assert res.exit_code == 0, res.stderr
+    assert "verified equivalent" in res.stderr
+    out = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert out["0.weight_orig"].shape == (4, 6) and out["0.weight_u"].shape == (6,)
+    twin.load_state_dict(out, strict=True)
+    twin.eval()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
+    res = runner("to-linear", tmp_path / "p.pt", "-o", tmp_path / "back.pt")
+    assert res.exit_code == 0, res.stderr
+    assert _same(torch.load(tmp_path / "back.pt", weights_only=True), model.state_dict())
+
+
+def test_excluding_a_1d_stranger_is_the_fix_its_message_gives(tmp_path, runner):
+    src = _save(tmp_path, {"p.weight": torch.randn(6, 4), "p.bias": torch.randn(6),
+                           "p.weight_absmax": torch.rand(4)})
+    res = runner("to-param", src, "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 2 and "'p.weight_absmax'" in res.stderr, res.stderr
+    res = runner("to-param", src, "-o", tmp_path / "o.safetensors", "--exclude",
+                 "p.weight_absmax")
+    assert res.exit_code == 0, res.stderr

@@ -230,6 +230,7 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
     no_evidence: list[str] = []
 
     comps = companion_map(shapes, selection.companions)
+    excluded: set[str] = set()  # what the user's --exclude names: never a stranger
     for rule in selection.companions:
         if not rule.shipped and not any(rule.matches(c) for c in comps):
             errors.append(f"{rule} matches no sibling of a layer's weight in '{source}'")
@@ -238,6 +239,8 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
         drop = _first(selection.drop, k, used)
         layer = _first(selection.layers, k, used)
         excl = _first(selection.exclude, k, used)
+        if excl and not excl.shipped:
+            excluded.add(k)
         if drop:
             decisions[k] = None, Because.PATTERN, str(drop)
             continue
@@ -309,7 +312,7 @@ def _decide(flat: dict[str, tuple[tuple[int, ...], str]], target: Layout, select
             decisions[k] = False, Because.NO_EVIDENCE, ""
 
     _follow(flat, decisions, comps, chosen, errors)
-    _refuse_strangers(flat, decisions, comps, errors)
+    _refuse_strangers(flat, decisions, comps, excluded, errors)
     warnings += _unused_patterns((*selection.layers, *selection.exclude, *selection.drop), used,
                                  source)
     if errors:
@@ -377,16 +380,16 @@ def _follow(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, D
 
 
 def _refuse_strangers(flat: dict[str, tuple[tuple[int, ...], str]],
-                      decisions: dict[str, Decision],
-                      comps: Mapping[str, Any], errors: list[str]) -> None:
+                      decisions: dict[str, Decision], comps: Mapping[str, Any],
+                      excluded: set[str], errors: list[str]) -> None:
     """A transposed weight's sibling that fits no role and shares one of its dims, or a
     packed weight beside transposed ones: exit 2, naming it."""
     shapes = {k: s for k, (s, _) in flat.items()}
     moving = [k for k, d in decisions.items() if d[0] and k not in comps]
     if not moving:
         return
-    known = set(comps) | {k for k, d in decisions.items()
-                          if d[0] is None or d[0] or d[1] is Because.EXCLUDED}
+    known = set(comps) | excluded | {k for k, d in decisions.items()
+                                     if d[0] is None or d[0] or d[1] is Because.EXCLUDED}
     for w in moving:
         known.update(siblings(w, Role.BIAS))
     for k in flat:

@@ -359,9 +359,16 @@ def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param:
         return t.index_select(axis, outputs // block if block > 1 else outputs)
 
     out = pick(w).to(torch.float32)
+    by_leaf = {key.rpartition(".")[2]: c for key, _, c in companions}
+    sigma = None
+    if "weight_u" in by_leaf and "weight_v" in by_leaf:  # spectral_norm: W / (u . W v)
+        full = w.to(torch.float32)
+        sigma = torch.dot(by_leaf["weight_u"].to(torch.float32),
+                          (full.T if param else full) @ by_leaf["weight_v"].to(torch.float32))
     for key, role, c in companions:
         leaf = key.rpartition(".")[2]
-        if role is Role.BIAS or leaf in _ACTIVATION:
+        if role is Role.BIAS or leaf in _ACTIVATION or (
+                sigma is not None and leaf in ("weight_u", "weight_v")):
             continue
         comp = classify(key, "its weight", role, tuple(c.shape), (rows, cols))
         c = c.to(torch.float32)
@@ -386,7 +393,7 @@ def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param:
             out = c * out / out.norm(dim=dims, keepdim=True)
         else:
             out = out * c
-    return out
+    return out if sigma is None else out / sigma
 
 
 def _verify_companion(pair: Pair, weight: str, src: Checkpoint, dst: Checkpoint) -> CheckResult:
