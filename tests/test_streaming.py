@@ -142,3 +142,21 @@ def test_source_is_never_modified(tmp_path, fmt):
     convert.to_linear(src, tmp_path / "b.safetensors")
     convert.to_linear(src, tmp_path / "b.pt")
     assert src.read_bytes() == before
+
+
+def test_a_legacy_pt_source_keeps_a_tied_tensor_it_released(tmp_path, runner):
+    """A non-zip torch.save file is read into memory torch allocated, not mapped: releasing a
+    tensor's pages there would zero them, and its tie (written after it) would read zeros."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    emb = torch.randn(2000, 1024)  # 8 MB: whole pages to release
+    sd = {"wte.weight": emb, "fc.weight": torch.randn(8, 6), "fc.bias": torch.randn(6),
+          "lm_head.weight": emb}
+    src = tmp_path / "legacy.pt"
+    torch.save(sd, src, _use_new_zipfile_serialization=False)
+    res = runner("to-linear", src, "-o", tmp_path / "out.safetensors", "--no-verify")
+    assert res.exit_code == 0, res.stderr
+    out = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(out["wte.weight"], emb) and torch.equal(out["lm_head.weight"], emb)

@@ -18,6 +18,7 @@ import re
 import struct
 import sys
 import tarfile
+import threading
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -423,6 +424,7 @@ class TorchSource(Source):
         self._maps = _file_mappings(self.files)
         self._madvise = _madvise()
         self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()
         self._located: dict[str, tuple[int, int] | None] = {}
         self._records: dict[Path, dict[int, tuple[int, int]]] = {}
 
@@ -465,9 +467,10 @@ class TorchSource(Source):
             return None
         for path, start, end, offset in self._maps:
             if start <= addr and addr + length <= end:
-                fd = self._fds.get(path)
-                if fd is None:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                with self._fds_lock:  # verification reads from two threads
+                    fd = self._fds.get(path)
+                    if fd is None:
+                        fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 return fd, addr - start + offset
         return None
 
@@ -513,11 +516,15 @@ class TorchSource(Source):
         return flat[start:start + length].numpy()
 
     def release(self, key: str) -> None:
+        """Drop KEY's pages from memory where they are pages of the mapped file (they are read
+        back from it if touched again); memory torch allocated itself (a legacy non-zip file)
+        is kept: released, it would read back as zeros (a tied tensor, a verification)."""
         t = self._tensors[key]
         if t.numel():
-            _dontneed(self._madvise,
-                      t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(),
-                      t.numel() * t.element_size())
+            addr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+            length = t.numel() * t.element_size()
+            if any(start <= addr and addr + length <= end for _, start, end, _ in self._maps):
+                _dontneed(self._madvise, addr, length)
 
     def tensor(self, key: str) -> Any:
         return self._tensors[key]
