@@ -160,7 +160,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
                               allow_globals=allow_global) as written:
                 report.verification = verify_checkpoints(
                     ckpt, written, pairs=pairs_from_plan(plan), dropped=set(plan.dropped),
-                    dst_layout=plan.layout, pairing="the plan", device=device)
+                    dst_layout=plan.layout, pairing="the plan", device=device,
+                    companion_rules=selection.companions)
             report.verification.raise_if_different()
 
         result = _with_page(html, report, command, lambda: apply_plan(
@@ -353,7 +354,8 @@ def _verify(src: str | Path, dst: str | Path, selection: Selection, state_dict_k
         pairs, dropped, layout, how = pair_keys(s, d, with_config(selection, Path(src)), model)
         return verify_checkpoints(s, d, pairs=pairs, dropped=dropped, dst_layout=layout,
                                   pairing=how, device=device, batch_size=batch_size, seed=seed,
-                                  atol=atol, rtol=rtol, reference=reference), provenance
+                                  atol=atol, rtol=rtol, reference=reference,
+                                  companion_rules=selection.companions), provenance
 
 
 # --- inspect --------------------------------------------------------------------------------

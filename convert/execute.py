@@ -199,10 +199,12 @@ def _joined(pieces: Sequence[Any], dtype: str, transpose: bool, ckpt: Checkpoint
             blocks.append(np.frombuffer(raw, dtype=np.uint8, count=length)
                           .view(_UINT[itemsize]).reshape(part))
             continue
-        raw = ckpt.read_bytes(p.source, bytearray(nbytes_of(dtype, p.shape)))
-        arr = np.frombuffer(raw, dtype=np.uint8).view(_UINT[itemsize]).reshape(p.shape)
-        if p.index is not None:
-            arr = arr[p.index]
+        if p.index is None:
+            raw = ckpt.read_bytes(p.source, bytearray(nbytes_of(dtype, p.shape)))
+        else:  # one member of a stack: its bytes only
+            size = nbytes_of(dtype, shape)
+            raw = ckpt.read_part(p.source, start, size, bytearray(size))
+        arr = np.frombuffer(raw, dtype=np.uint8).view(_UINT[itemsize]).reshape(shape)
         cut = [slice(None)] * arr.ndim
         cut[p.axis] = slice(*p.rows)
         blocks.append(arr[tuple(cut)])

@@ -399,3 +399,71 @@ def test_excluding_a_1d_stranger_is_the_fix_its_message_gives(tmp_path, runner):
     res = runner("to-param", src, "-o", tmp_path / "o.safetensors", "--exclude",
                  "p.weight_absmax")
     assert res.exit_code == 0, res.stderr
+
+
+def test_a_rule_that_would_split_or_stack_a_quantized_weight_is_exit_2(tmp_path, runner):
+    """A scale grid left whole beside split (or stacked) weights fits none of them."""
+    torch.manual_seed(0)
+    q = _fp8_quantize(torch.randn(384, 128))
+    src = _save(tmp_path, {"attn.qkv.weight": q["x.weight"],
+                           "attn.qkv.weight_scale_inv": q["x.weight_scale_inv"],
+                           "attn.qkv.bias": torch.randn(384)})
+    res = runner("to-param", src, "-o", tmp_path / "o.safetensors",
+                 "--split", "attn.qkv.weight", "attn.q.weight,attn.k.weight,attn.v.weight")
+    assert res.exit_code == 2, res.stderr
+    assert "whose companion 'attn.qkv.weight_scale_inv' it cannot split" in res.stderr
+    sd = {}
+    for e in range(2):
+        q = _fp8_quantize(torch.randn(128, 128))
+        sd[f"experts.{e}.w1.weight"] = q["x.weight"]
+        sd[f"experts.{e}.w1.weight_scale_inv"] = q["x.weight_scale_inv"]
+    src = _save(tmp_path, sd, "experts.safetensors")
+    res = runner("to-param", src, "-o", tmp_path / "o.safetensors", "--layers",
+                 "experts.*.w1.weight", "--stack", "experts.{e}.w1.weight", "experts.w1")
+    assert res.exit_code == 2 and "it cannot stack with it" in res.stderr, res.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_weight_normed_layer_with_many_outputs_verifies_whole(tmp_path, runner):
+    """g normalizes across output channels where dim is None: the layer is checked on all of
+    them, not a sample (a sample cannot know the norm)."""
+    torch.manual_seed(0)
+    for dim in (None, 0):
+        model = nn.Sequential(nn.Linear(8, 300))
+        parametrizations.weight_norm(model[0], dim=dim)
+        save_file({k: v.detach() for k, v in model.state_dict().items()},
+                  str(tmp_path / "wn.safetensors"))
+        res = runner("to-param", tmp_path / "wn.safetensors", "-o", tmp_path / "p.safetensors",
+                     "--overwrite")
+        assert res.exit_code == 0, res.stderr
+
+
+def test_zero_points_are_subtracted_before_scaling(tmp_path):
+    """(W - z) * s, as compressed-tensors dequantizes: the verifier's effective weight."""
+    from convert.companions import Role
+    from convert.verify.layers import effective_weight
+
+    w = torch.tensor([[20, 40], [60, 80]], dtype=torch.int8)
+    s, z = torch.tensor([[1.0], [0.5]]), torch.tensor([[2], [4]], dtype=torch.int8)
+    got = effective_weight(w, [("p.weight_scale", Role.SCALE, s, None),
+                               ("p.weight_zero_point", Role.SCALE, z, None)], param=False)
+    assert torch.equal(got, (w.float() - z.float()) * s)
+
+
+def test_a_companion_rules_block_is_what_verification_dequantizes_with(tmp_path, runner):
+    """A grid whose block the rule gives (100, not the 128 that would also tile it)."""
+    torch.manual_seed(0)
+    w = torch.randn(300, 200)
+    grid = torch.rand(3, 2) + 0.5
+    src = _save(tmp_path, {"p.weight": w.to(torch.float8_e4m3fn), "p.bias": torch.randn(300),
+                           "p.weight_scale_inv": grid})
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[[companion]]\nkey = '*.weight_scale_inv'\nrole = 'grid'\n"
+                     "block = [100, 100]\n")
+    res = runner("to-param", src, "-o", tmp_path / "p.safetensors", "--rules", rules,
+                 "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.stderr
+    import json
+
+    checks = json.loads((tmp_path / "r.json").read_text())["verification"]["results"]
+    assert [c["kind"] for c in checks if c["name"] == "p.weight_scale_inv"] == ["companion"]

@@ -137,3 +137,27 @@ def test_gpt_neox_preset_splits_per_head_with_heads_from_config_json(tmp_path, r
     res = runner("to-linear", tmp_path / "pythia", "-o", tmp_path / "x", "--preset",
                  "gpt-neox-qkv")
     assert res.exit_code == 2 and "config.json" in res.stderr, res.stderr
+
+
+def test_per_expert_to_a_transposed_interleaved_stack_and_back(tmp_path):
+    """Composition in the param layout: each expert's w1 and w3 transposed, joined per group of
+    heads along their output dim (the columns), stacked; the reverse from provenance alone."""
+    _, hub, _ = _both_layouts(tmp_path, _mixtral)
+    moe = "model.layers.{l}.block_sparse_moe.experts"
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        f"layers = ['model.layers.*.block_sparse_moe.experts.*.weight']\n"
+        f"[[stack]]\nfrom = '{moe}.{{e}}.w1.weight'\nto = '{moe}.w1'\n"
+        f"[[stack]]\nfrom = '{moe}.{{e}}.w3.weight'\nto = '{moe}.w3'\n"
+        f"[[split]]\nfrom = '{moe}.gate_up_proj'\nto = ['{moe}.w1', '{moe}.w3']\nheads = 2\n")
+    out = tmp_path / "grouped.safetensors"
+    report = convert.to_param(hub, out, rules=rules,
+                              exclude=["*.self_attn.*", "*embed*", "lm_head*", "*.gate.weight"])
+    assert report.verification is not None and report.verification.equivalent
+    sd, src = load_file(out), load_file(hub)
+    w1, w3 = (src[f"model.layers.1.block_sparse_moe.experts.2.{n}.weight"] for n in ("w1", "w3"))
+    h = w1.shape[0] // 2
+    assert torch.equal(sd["model.layers.1.block_sparse_moe.experts.gate_up_proj"][2],
+                       torch.cat([w1[:h], w3[:h], w1[h:], w3[h:]]).T)
+    convert.to_linear(out, tmp_path / "back.safetensors")
+    assert _equal(load_file(tmp_path / "back.safetensors"), src)

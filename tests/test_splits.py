@@ -216,3 +216,18 @@ def test_a_split_reads_its_rows_from_either_source_format(tmp_path, suffix):
     for i, name in enumerate("qkv"):
         assert torch.equal(out[f"l.0.attention.{name}.weight"], qkv[i * 6:(i + 1) * 6])
         assert torch.equal(out[f"l.0.attention.{name}.bias"], bias[i * 6:(i + 1) * 6])
+
+
+def test_a_merge_of_parts_of_different_widths_is_exit_2_when_planning(tmp_path, runner):
+    """Parts must agree in every dim but the one they are joined along: refused by the plan
+    (a dry run says so too), never a failure halfway through writing."""
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.randn(8, 6), "a.bias": torch.randn(8),
+               "b.weight": torch.randn(8, 5), "b.bias": torch.randn(8)},
+              str(tmp_path / "parts.safetensors"))
+    for extra in (["--dry-run"], []):
+        res = runner("to-param", tmp_path / "parts.safetensors", "-o", tmp_path / "o.safetensors",
+                     "--split", "ab.weight", "a.weight,b.weight", *extra)
+        assert res.exit_code == 2, res.stderr
+        assert "differ beyond the dim they are joined along" in res.stderr, res.stderr

@@ -6,9 +6,10 @@ of a fused tensor), and their reverse from provenance. No tensors here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..companions import companion_map
 from ..dtypes import DTYPES, swapped
 from ..layout import Layout
 from ..provenance import Provenance
@@ -30,6 +31,9 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
     made: dict[str, list[Entry]] = {}  # the first source key of a group -> what it makes
     taken: set[str] = set()
     pending: list[Any] = []  # stack rules that match no source key
+    of = companion_map({k: s for k, (s, _) in flat.items()}, selection.companions)
+    comps = {**{w: ("has", c) for c, (w, _, _) in of.items()},
+             **{c: ("of", w) for c, (w, _, _) in of.items()}}  # both ways, looked up by key
 
     def one(k: str, name: str, index: int | None = None) -> Entry:
         shape, dtype = flat[k]
@@ -39,6 +43,8 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
                      (Piece(k, shape, bool(transpose), index),), because, evidence)
 
     def stack(members: list[str], name: str, why: str) -> None:
+        if _has_companions(members, comps, why, "stack", errors):
+            return
         shapes = {flat[m] for m in members}
         flips = {bool(decisions[m][0]) for m in members}
         if len(shapes) > 1 or len(flips) > 1:
@@ -54,6 +60,8 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
         taken.update(members)
 
     def unstack(k: str, names_of: list[str], why: str) -> None:
+        if _has_companions([k], comps, why, "unstack", errors):
+            return
         if len(flat[k][0]) < 2 or flat[k][0][0] != len(names_of):
             errors.append(f"{why} would unstack '{k}', which is {_describe(*flat[k])}, not a "
                           f"stack of {len(names_of)}")
@@ -102,7 +110,7 @@ def units(flat: dict[str, tuple[tuple[int, ...], str]], decisions: dict[str, Dec
             n = flat[k][0][0] if flat[k][0] else 0
             unstack(k, [rule.member_name(values, e) for e in range(n)], str(rule))
     _split_units(flat, decisions, kept, target, selection, provenance, source, errors,
-                 warnings, made, taken)
+                 warnings, made, taken, comps)
     for rule in pending:  # the parts a split made of a stacked fused tensor, unstacked
         if not _unstack_parts(rule, made):
             _unmatched(rule, "its members nor its stack", source, errors, warnings)
@@ -148,7 +156,7 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
                  decisions: dict[str, Decision], kept: list[str], target: Layout,
                  selection: Selection, provenance: Provenance | None, source: str,
                  errors: list[str], warnings: list[str], made: dict[str, list[Entry]],
-                 taken: set[str]) -> None:
+                 taken: set[str], comps: Mapping[str, tuple[str, str]]) -> None:
     """Split rules: a fused tensor into its parts (and its bias into theirs), or the parts
     back into one; the reverse of either from provenance."""
     shapes = {k: s for k, (s, _) in flat.items()}
@@ -184,7 +192,7 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
               said: Layout | None = None) -> bool:
         shape, dtype = flat[k]
         axis = axis_of(k, why, said)
-        if axis is None:
+        if axis is None or _has_companions([k], comps, why, "split", errors):
             return False
         total = shape[axis]
         if DTYPES.get(dtype) is None or DTYPES[dtype].bits % 8:
@@ -215,6 +223,9 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
             errors.append(f"{why}: the parts of '{name}' differ in dtype, layout or decision")
             return False
         (axis,) = axes
+        if not _joinable([flat[p][0] for p in parts], axis, name, why, errors) or \
+                _has_companions(parts, comps, why, "merge", errors):
+            return False
         sizes = [flat[p][0][axis] for p in parts]
         if heads and any(n % heads for n in sizes):
             errors.append(f"{why}: {heads} heads do not divide the parts of '{name}' ({sizes})")
@@ -241,6 +252,9 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
                           "layout or decision")
             return
         (axis,) = axes
+        if not all(_joinable([e.pieces[m].shape for _, e in parts], axis, name, why, errors)
+                   for m in range(len(first.pieces))):
+            return
         groups = heads or 1
         pieces = []
         for m in range(len(first.pieces)):
@@ -309,6 +323,33 @@ def _split_units(flat: dict[str, tuple[tuple[int, ...], str]],
                     merge([b for b in biases if b], fused_bias, rule.heads, str(rule))
     if provenance is not None:
         _reverse_splits(flat, decisions, kept, provenance, made, taken, entry)
+
+
+def _has_companions(keys: Sequence[str], comps: Mapping[str, tuple[str, str]], why: str,
+                    verb: str, errors: list[str]) -> bool:
+    """Whether a rule would VERB a weight with companions (a scale grid, a mask) or a companion
+    itself (COMPS: key -> ("has", a companion) or ("of", its weight)): refused, since a scale
+    left whole beside a split weight fits none of its parts."""
+    for k in keys:
+        if k in comps:
+            how, other = comps[k]
+            errors.append(f"{why} would {verb} '{k}', " + (
+                f"whose companion '{other}' it cannot {verb} with it" if how == "has" else
+                f"the companion of '{other}'") + "; convert a dequantized checkpoint, or "
+                "leave the layer out of the rule")
+            return True
+    return False
+
+
+def _joinable(shapes: Sequence[tuple[int, ...]], axis: int, name: str, why: str,
+              errors: list[str]) -> bool:
+    """Whether tensors of SHAPES can be joined along AXIS: equal in every other dim."""
+    rest = {tuple(d for i, d in enumerate(s) if i != len(s) + axis) for s in shapes}
+    if len(rest) > 1 or len({len(s) for s in shapes}) > 1:
+        errors.append(f"{why}: the parts of '{name}' differ beyond the dim they are joined "
+                      f"along ({', '.join('x'.join(map(str, s)) for s in shapes)})")
+        return False
+    return True
 
 
 def _all_parts(rule: Any, values: tuple[tuple[str, str], ...], found: dict[int, Any],

@@ -211,14 +211,14 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                   device: Any, batch_size: int, seed: int, atol: float | None,
                   rtol: float | None, member: tuple[int, ...] = (),
                   loaded: tuple[Any, Any] | None = None,
-                  companions: Sequence[tuple[str, str, Role]] = (),
+                  companions: Sequence[tuple[str, str, Role, Any]] = (),
                   reference: str | None = None) -> CheckResult:
     """One linear layer: ParamLinear on the param side vs nn.Linear on the linear side.
 
     SHAPES maps SRC's keys to their shapes (to find the layer's bias). MEMBER picks one
     matrix of a stack (one expert of `[E, in, out]`), and its row of an `[E, out]` bias.
-    COMPANIONS (SRC key, DST key, role) dequantize, unmask or renormalize the weight on each
-    side before the layers run, in float32.
+    COMPANIONS (SRC key, DST key, role, a rule's block) dequantize, unmask or renormalize the
+    weight on each side before the layers run, in float32.
     """
     import torch
     from torch import nn
@@ -247,16 +247,18 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
     res.bit_exact = _transposed_bits_equal(w_src, w_dst)
     outputs = None  # a bit-exact weight's bytes are proven: its layer runs on a sample of
     n_out = w_src.shape[-1] if src_param else w_src.shape[-2]  # its outputs (all, where not)
-    if n_out > SAMPLED_OUTPUTS and (res.bit_exact or companions):
+    norms = any(t.rpartition(".")[2] in _NORMS for _, t, _, _ in companions)
+    if n_out > SAMPLED_OUTPUTS and (res.bit_exact or companions) and not norms:
         gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
         outputs = torch.randperm(n_out, generator=gen)[:SAMPLED_OUTPUTS].sort().values
     if companions:  # a quantized, pruned or weight-normed layer: run what it computes with
         try:
-            w_src = effective_weight(w_src, [(c, role, _row(src.tensor(c), s_at))
-                                             for c, _, role in companions], src_param, outputs)
-            w_dst = effective_weight(w_dst, [(t, role, _row(dst.tensor(t), d_at))
-                                             for _, t, role in companions], not src_param,
+            w_src = effective_weight(w_src, [(c, role, _row(src.tensor(c), s_at), block)
+                                             for c, _, role, block in companions], src_param,
                                      outputs)
+            w_dst = effective_weight(w_dst, [(t, role, _row(dst.tensor(t), d_at), block)
+                                             for _, t, role, block in companions],
+                                     not src_param, outputs)
         except CompanionError as e:
             res.passed, res.message = False, str(e)
             return res
@@ -329,7 +331,7 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
         passed, msg = False, ("weight is not the bit-exact transpose of its source"
                               + (f"; {msg}" if msg else ""))
     if not passed and companions:
-        msg += " (dequantized with " + ", ".join(f"'{t}'" for _, t, _ in companions) + ")"
+        msg += " (dequantized with " + ", ".join(f"'{t}'" for _, t, _, _ in companions) + ")"
     res.passed, res.message = passed, msg
     return res
 
@@ -338,7 +340,10 @@ _ACTIVATION = ("input_scale", "input_zero_point", "input_global_scale", "weight_
                "activation_scale")
 
 
-def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param: bool,
+_NORMS = ("weight_g", "original0")  # weight norm's g: normalizes v over the dims it is 1 on
+
+
+def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any, Any]], param: bool,
                      outputs: Any = None) -> Any:
     """The float32 matrix a layer computes with: W (minus its zero point) times its expanded
     scale, times its mask, or weight norm's g * v / ||v||. PARAM: W is in x out (else out x in).
@@ -359,18 +364,20 @@ def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param:
         return t.index_select(axis, outputs // block if block > 1 else outputs)
 
     out = pick(w).to(torch.float32)
-    by_leaf = {key.rpartition(".")[2]: c for key, _, c in companions}
+    by_leaf = {key.rpartition(".")[2]: c for key, _, c, _ in companions}
     sigma = None
     if "weight_u" in by_leaf and "weight_v" in by_leaf:  # spectral_norm: W / (u . W v)
         full = w.to(torch.float32)
         sigma = torch.dot(by_leaf["weight_u"].to(torch.float32),
                           (full.T if param else full) @ by_leaf["weight_v"].to(torch.float32))
-    for key, role, c in companions:
+    # zero points first: (W - z) * s
+    ordered = sorted(companions, key=lambda comp: not comp[0].endswith("zero_point"))
+    for key, role, c, block in ordered:
         leaf = key.rpartition(".")[2]
         if role is Role.BIAS or leaf in _ACTIVATION or (
                 sigma is not None and leaf in ("weight_u", "weight_v")):
             continue
-        comp = classify(key, "its weight", role, tuple(c.shape), (rows, cols))
+        comp = classify(key, "its weight", role, tuple(c.shape), (rows, cols), block)
         c = c.to(torch.float32)
         if comp.block is not None:  # a grid (or [out, 1]): one value per block
             c = pick(c, comp.block[axis])
@@ -385,7 +392,7 @@ def effective_weight(w: Any, companions: Sequence[tuple[str, Role, Any]], param:
             c = pick(c)
         if leaf.endswith("zero_point"):
             out = out - c
-        elif leaf in ("weight_g", "original0"):  # weight norm: g * v / ||v||
+        elif leaf in _NORMS:  # weight norm: g * v / ||v||
             dims = [d for d in range(2) if c.shape[d] == 1] if c.ndim == 2 else [0, 1]
             if outputs is not None and axis in dims:
                 raise CompanionError(f"'{key}' normalizes across output channels, so its layer "
@@ -511,9 +518,11 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                        dropped: set[str] = frozenset(), dst_layout: Layout | None = None,
                        pairing: str = "", device: str = "cpu", batch_size: int = 8,
                        seed: int = 0, atol: float | None = None,
-                       rtol: float | None = None, reference: str | None = None) -> VerifyReport:
+                       rtol: float | None = None, reference: str | None = None,
+                       companion_rules: Sequence[Any] = ()) -> VerifyReport:
     """Check DST against SRC pair by pair; keys that pair with nothing are differences.
-    With REFERENCE ("float64") each layer's source side also runs in that dtype."""
+    With REFERENCE ("float64") each layer's source side also runs in that dtype.
+    COMPANION_RULES: the `[[companion]]` rules the conversion was planned with."""
     from ..companions import companion_map
     from ..selection import bias_evidence
 
@@ -534,12 +543,12 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
     shapes = {k: s.shape for k, s in src.specs.items()}
     bias_pairs = {(p.source, p.source_index): (p.target, p.target_index) for p in pairs
                   if not p.transposed and not p.parts}
-    comps = companion_map(shapes)
+    comps = companion_map(shapes, companion_rules)
     target_of = {p.source: p.target for p in pairs if not p.parts and p.target in dst.specs}
-    layer_comps: dict[str, list[tuple[str, str, Role]]] = {}
-    for c, (w, role, _) in comps.items():
+    layer_comps: dict[str, list[tuple[str, str, Role, Any]]] = {}
+    for c, (w, role, block) in comps.items():
         if c in target_of:
-            layer_comps.setdefault(w, []).append((c, target_of[c], role))
+            layer_comps.setdefault(w, []).append((c, target_of[c], role, block))
 
     def check(p: Pair, held: _LastTensors) -> list[CheckResult]:
         if p.source not in src.specs:

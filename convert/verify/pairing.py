@@ -103,14 +103,15 @@ def pair_keys(src: Checkpoint, dst: Checkpoint, selection: Selection | None = No
 
     pairs = []
     ambiguous = []
-    comps = companion_map({k: s.shape for k, s in src.specs.items()})
+    comps = companion_map({k: s.shape for k, s in src.specs.items()}, selection.companions)
+    with_companions = {w for w, _, _ in comps.values()}
     moved: dict[str, bool] = {}
     for k, s in src.specs.items():
         d = dst.specs.get(k)
         if d is None or k in comps:
             continue
         weight = is_float_weight(s.dtype, s.shape) or (
-            is_transposable(s.dtype, s.shape) and any(w == k for w, _, _ in comps.values()))
+            is_transposable(s.dtype, s.shape) and k in with_companions)
         if weight and s.shape == d.shape and s.shape[-1] == s.shape[-2]:
             ambiguous.append(k)
         moved[k] = weight and s.shape[-1] != s.shape[-2] and d.shape == swapped(s.shape)
