@@ -423,11 +423,21 @@ def _verify_companion(pair: Pair, weight: str, src: Checkpoint, dst: Checkpoint)
 
 
 def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, batch_size: int,
-                  seed: int, atol: float | None, rtol: float | None) -> CheckResult:
+                  seed: int, atol: float | None, rtol: float | None,
+                  held: _LastTensors | None = None) -> CheckResult:
     """A split's part or a merge, as what it computes: DST must be its pieces of SRC joined
     along the output dim (bit for bit), and, for a weight, the layer DST makes must give the
-    outputs of the source layers at those output positions (interleave undone)."""
+    outputs of the source layers at those output positions (interleave undone). Each source
+    tensor is read once (HELD keeps the last for the next pair: an unstacked split reads its
+    stacked fused tensor once for all its members)."""
     import torch
+
+    read: dict[str, Any] = {}
+
+    def tensor(key: str) -> Any:
+        if key not in read:
+            read[key] = held.get(src, key) if held is not None else src.tensor(key)
+        return read[key]
 
     d = dst.specs[pair.target]
     res = CheckResult(pair.target, ",".join(dict.fromkeys(q[0] for q in pair.parts)), "part",
@@ -435,7 +445,7 @@ def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, bat
     blocks, axis = [], pair.parts[0][3]
     groups: dict[int | None, list[Any]] = {}
     for source, index, rows, ax, member in pair.parts:
-        t = src.tensor(source)
+        t = tensor(source)
         t = t if index is None else t[index]
         blocks.append(t.narrow(ax, rows[0], rows[1] - rows[0]))
         groups.setdefault(member, []).append(blocks[-1])
@@ -461,7 +471,7 @@ def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, bat
         with torch.no_grad(), ieee_float32():
             outs = []
             for source, index, rows, _, _ in pair.parts:
-                w = src.tensor(source)
+                w = tensor(source)
                 w = (w if index is None else w[index]).to(device, compute)
                 y = x @ (w.t() if linear_src else w)
                 outs.append(y[:, rows[0]:rows[1]])
@@ -558,7 +568,7 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
             return [CheckResult(p.target, p.source, "missing", False,
                                 message="missing from DST")]
         if p.parts:
-            return [_verify_parts(p, src, dst, dev, batch_size, seed, atol, rtol)]
+            return [_verify_parts(p, src, dst, dev, batch_size, seed, atol, rtol, held)]
         if p.transposed and p.source in comps:
             out = [_verify_companion(p, comps[p.source][0], src, dst)]
         elif p.transposed:
