@@ -89,7 +89,8 @@ def test_a_nudged_expert_in_the_merged_tensor_fails_naming_it(tmp_path, runner):
     save_file(sd, str(out), metadata=meta)
     res = runner("verify", hub, out)
     assert res.exit_code == 1
-    assert any(line.startswith("FAIL") and key in line for line in res.stdout.splitlines())
+    assert any(line.startswith("FAIL") and f"{key}[2]" in line and "in member 2" in line
+               for line in res.stdout.splitlines()), res.stdout
 
 
 def test_a_merge_missing_a_stack_is_exit_2(tmp_path, runner):

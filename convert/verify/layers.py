@@ -487,7 +487,13 @@ def _verify_parts(pair: Pair, src: Checkpoint, dst: Checkpoint, device: Any, bat
     else:
         res.passed = res.bit_exact
     if not res.bit_exact:
-        res.message = "not the bit-exact join of its pieces" + (
+        where = ""
+        if None not in groups:  # a stack of merged members: name the experts that differ
+            bad = [m for m in sorted(groups)
+                   if not _bits(expected[m]).equal(_bits(actual[m]))]
+            where = f" in member{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:8]))}"
+            res.name = pair.target + "".join(f"[{m}]" for m in bad[:1])
+        res.message = f"not the bit-exact join of its pieces{where}" + (
             f"; {res.message}" if res.message else "")
     return res
 
