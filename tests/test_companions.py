@@ -467,3 +467,26 @@ def test_a_companion_rules_block_is_what_verification_dequantizes_with(tmp_path,
 
     checks = json.loads((tmp_path / "r.json").read_text())["verification"]["results"]
     assert [c["kind"] for c in checks if c["name"] == "p.weight_scale_inv"] == ["companion"]
+
+
+def test_the_verifiers_spectral_norm_weight_is_torchs(tmp_path):
+    """effective_weight's W / (u . W v) against the weight torch's spectral_norm computes, in
+    both layouts: a wrong formula (or u and v swapped) fails here."""
+    from convert.companions import Role
+    from convert.verify.layers import effective_weight
+
+    torch.manual_seed(0)
+    lin = nn.utils.spectral_norm(nn.Linear(5, 7))
+    lin(torch.randn(2, 5))
+    lin.eval()
+    with torch.no_grad():
+        want = lin.weight.detach().clone()  # [out, in], as the hook computed it
+    sd = lin.state_dict()
+    comps = [("p.weight_u", Role.SCALE, sd["weight_u"], None),
+             ("p.weight_v", Role.SCALE, sd["weight_v"], None)]
+    torch.testing.assert_close(effective_weight(sd["weight_orig"], comps, param=False), want)
+    torch.testing.assert_close(effective_weight(sd["weight_orig"].T, comps, param=True), want.T)
+    swapped = [(k, r, c, b) for (k, r, _, b), (_, _, c, _) in zip(comps, comps[::-1])]
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.testing.assert_close(effective_weight(sd["weight_orig"], swapped, param=False),
+                                   want)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -512,13 +511,6 @@ class _LastTensors:
         return last[1]
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _part(shape: tuple[int, ...], index: int | None) -> tuple[int, ...]:
     """The shape of one member of a stack (or the whole, without an index)."""
     return shape if index is None else tuple(shape[1:])
@@ -614,7 +606,9 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
             groups[-1].append(p)
         else:
             groups.append([p])
-    workers = min(VERIFY_THREADS, len(groups), _cpus())
+    from ..batching import default_jobs  # the CPUs this process may use
+
+    workers = min(VERIFY_THREADS, len(groups), default_jobs())
     with ieee_float32():  # set once for every thread (the flags are global, not per thread)
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
