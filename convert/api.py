@@ -96,8 +96,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
     raises NotEquivalentError (exit 1) and leaves no DST. HTML names a verdict page to write
     (see `convert.verify.html`), also when verification fails.
     """
-    from .execute import apply_plan
-    from .plan import build_export_plan, plan_output, resolve_output, source_facts
+    from .plan import resolve_output
 
     src_path = Path(src)
     if os.fspath(src) == "-":
@@ -105,7 +104,6 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
     if not src_path.exists():
         raise UsageError(f"SRC '{src}' does not exist.")
     selection = selection_from(selection, selection_options)
-    model = selection.model
     if target is None and dst is None:
         raise UsageError("export needs -o DST: the file (or folder) to write.")
     if isinstance(layout, str):
@@ -115,6 +113,48 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
     if output.format != "onnx" and (opset is not None or external_data or input_shape):
         raise UsageError("--opset, --external-data and --input-shape apply to ONNX output "
                          "only (-o FILE.onnx).")
+    worker = _verifier(verify and not dry_run and output.format != "onnx")
+    try:
+        return _convert(src, dst, src_path, output, target, layout, selection, state_dict_key,
+                        allow_global, dry_run, overwrite, format, max_shard_size, verify,
+                        device, opset, external_data, input_shape, input_dtype, progress,
+                        html, selection_options, worker)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _verifier(wanted: bool) -> Any:
+    """A verifier in a second process (convert.verify.worker), where one pays: the command
+    line's single conversions, in a process that has not imported torch."""
+    from .command import VERIFY_ELSEWHERE
+
+    if not wanted or not VERIFY_ELSEWHERE.get() or _torch_imported():
+        return None
+    from .verify.worker import VerifyProcess
+
+    return VerifyProcess()
+
+
+def _torch_imported() -> bool:
+    """Whether this process has torch already (then a second process would only cost)."""
+    import sys
+
+    return "torch" in sys.modules
+
+
+def _convert(src: str | Path, dst: str | Path | None, src_path: Path, output: Any,
+             target: Layout | None, layout: Layout | None,
+             selection: Selection, state_dict_key: str | None, allow_global: Sequence[str],
+             dry_run: bool, overwrite: bool, format: str | None,
+             max_shard_size: str | int | None, verify: bool, device: str, opset: int | None,
+             external_data: bool, input_shape: Sequence[Sequence[int]], input_dtype: str,
+             progress: Callable[[int, int], None] | None, html: str | Path | None,
+             selection_options: Mapping[str, Any], worker: Any) -> ConversionReport:
+    from .execute import apply_plan
+    from .plan import build_export_plan, plan_output, source_facts
+
+    model = selection.model
     with open_checkpoint(src_path, state_dict_key=state_dict_key,
                          allow_globals=allow_global) as ckpt:
         if target is None:
@@ -151,23 +191,50 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
                 opset=opset, verify=verify))
             return _finish_report(report, result, html, command)
 
-        def check(paths: list[Path]) -> None:
-            from .verify import pairs_from_plan, verify_checkpoints
+        from .verify import pairs_from_plan
 
-            # a .pt written from a source whose nesting is not kept holds a flat state dict
-            key = state_dict_key if ckpt.keeps_extras else None
-            with open_written(paths, output.format, output.path, state_dict_key=key,
-                              allow_globals=allow_global) as written:
-                report.verification = verify_checkpoints(
-                    ckpt, written, pairs=pairs_from_plan(plan), dropped=set(plan.dropped),
-                    dst_layout=plan.layout, pairing="the plan", device=device,
-                    companion_rules=selection.companions)
+        # a .pt written from a source whose nesting is not kept holds a flat state dict
+        dst_key = state_dict_key if ckpt.keeps_extras else None
+        job = {"src": str(src_path), "state_dict_key": state_dict_key,
+               "allow_globals": list(allow_global), "format": output.format,
+               "display": str(output.path), "dst_key": dst_key,
+               "pairs": pairs_from_plan(plan) if verify else [],
+               "dropped": set(plan.dropped), "dst_layout": plan.layout, "pairing": "the plan",
+               "device": device, "companion_rules": selection.companions}
+
+        def check(paths: list[Path]) -> None:
+            from .verify.worker import WorkerGone
+
+            report.verification = None
+            if worker is not None:
+                try:
+                    report.verification = worker.result(paths)
+                except WorkerGone as e:
+                    report.warnings.append(f"verification ran in this process: the verifying "
+                                           f"process failed ({e}).")
+            if report.verification is None:
+                report.verification = _verify_written(ckpt, paths, job)
             report.verification.raise_if_different()
 
+        if worker is not None:
+            worker.job = job
         result = _with_page(html, report, command, lambda: apply_plan(
             plan, ckpt, check if verify else None, progress=progress,
-            streamed=_import_torch_in_background if verify else None))
+            streamed=_import_torch_in_background if verify and worker is None else None,
+            watcher=worker if output.format == "safetensors" else None))
     return _finish_report(report, result, html, command)
+
+
+def _verify_written(ckpt: Checkpoint, paths: list[Path], job: Mapping[str, Any]) -> Any:
+    """JOB's checks of the fsynced files PATHS against CKPT, in this process."""
+    from .verify import verify_checkpoints
+
+    with open_written(paths, job["format"], Path(job["display"]),
+                      state_dict_key=job["dst_key"],
+                      allow_globals=job["allow_globals"]) as written:
+        return verify_checkpoints(ckpt, written, pairs=job["pairs"], dropped=job["dropped"],
+                                  dst_layout=job["dst_layout"], pairing=job["pairing"],
+                                  device=job["device"], companion_rules=job["companion_rules"])
 
 
 def _finish_report(report: ConversionReport, result: Any, html: str | Path | None = None,

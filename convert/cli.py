@@ -240,6 +240,9 @@ def _conversion_command(name: str, layout_name: str | None, doc: str) -> None:
                 bar.n = done
                 bar.refresh()
 
+        from .command import VERIFY_ELSEWHERE
+
+        token = VERIFY_ELSEWHERE.set(True)  # one conversion: verify in a second process
         try:
             target = Layout(layout_name) if layout_name else None
             report = convert(src, dst, target=target, dry_run=dry_run,
@@ -252,6 +255,7 @@ def _conversion_command(name: str, layout_name: str | None, doc: str) -> None:
                     write_json(report_path, e.report.to_dict())
             raise
         finally:
+            VERIFY_ELSEWHERE.reset(token)
             if bar is not None:
                 bar.close()
         for w in report.warnings:

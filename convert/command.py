@@ -6,3 +6,9 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 COMMAND: ContextVar[str | None] = ContextVar("linconvert_command", default=None)
+
+# Whether a conversion verifies in a second process started before planning (which imports
+# torch while this one streams; see convert.verify.worker). The command line's single
+# conversions set it; a migration script or a batch, which may convert many files in one
+# process and import torch once, verifies in its own process.
+VERIFY_ELSEWHERE: ContextVar[bool] = ContextVar("linconvert_verify_elsewhere", default=False)

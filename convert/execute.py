@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import __version__
 from .checkpoint import Checkpoint
@@ -126,9 +126,20 @@ BeforeCommit = Callable[[list[Path]], None]
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
+class Watcher(Protocol):
+    """Follows a safetensors output while it is written (a verifier in another process)."""
+
+    def begin(self, paths: list[Path]) -> None:
+        """The files being written, under their temporary names; their headers are written."""
+
+    def written(self, file: int, size: int) -> None:
+        """FILE (an index into the paths) now holds its first SIZE bytes."""
+
+
 def apply_plan(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None = None, *,
                progress: Progress | None = None,
-               streamed: Callable[[], None] | None = None) -> ExecutionResult:
+               streamed: Callable[[], None] | None = None,
+               watcher: Watcher | None = None) -> ExecutionResult:
     """Write what PLAN says (its entries, into the files of its output plan), tensor by tensor;
     publish them only when complete.
 
@@ -137,6 +148,7 @@ def apply_plan(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None 
     given, hears the bytes written after each tensor. STREAMED, if given, is called once every
     tensor is written, before the files are finished and fsynced (verification starts its
     import of torch there: earlier, the import's hold on the GIL slows the streaming loop).
+    WATCHER, if given, hears of a safetensors output's files as they grow.
 
     Raises:
         CorruptInputError: the source changed or could not be read.
@@ -148,7 +160,7 @@ def apply_plan(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None 
     if plan.output.format == "pt":
         result = _write_pt(plan, ckpt, before_commit, progress, streamed)
     else:
-        result = _write_safetensors(plan, ckpt, before_commit, progress, streamed)
+        result = _write_safetensors(plan, ckpt, before_commit, progress, streamed, watcher)
     if plan.output.side_files:
         copy_side_files(plan.output.side_files)
     result.seconds = time.perf_counter() - start
@@ -254,7 +266,8 @@ def _member_bytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 def _write_safetensors(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit | None,
                        progress: Progress | None = None,
-                       streamed: Callable[[], None] | None = None) -> ExecutionResult:
+                       streamed: Callable[[], None] | None = None,
+                       watcher: Watcher | None = None) -> ExecutionResult:
     out = plan.output
     assert out is not None
     by_key = {e.key: e for e in plan.entries}
@@ -271,6 +284,9 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit
     total = sum(nbytes_of(e.dtype, e.shape) for e in plan.entries)
     with st.SafetensorsSink(files, out.index, metadata_for(provenance_for(plan, ckpt)),
                             overwrite=out.overwrite) as sink:
+        if watcher is not None:
+            watcher.begin(sink.tmp_paths)
+            sink.on_written = watcher.written
         stream_entries(plan, ckpt, sink, progress)
         if streamed is not None:
             streamed()

@@ -100,8 +100,11 @@ def _bad(path: Path, why: str) -> CorruptInputError:
     return CorruptInputError(f"'{path}' is not a valid safetensors file: {why}.")
 
 
-def read_header(path: Path) -> SafetensorsHeader:
+def read_header(path: Path, *, growing: bool = False) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file; reads no tensor data.
+
+    GROWING: the file is still being written (its header is, its data may not all be yet):
+    the tensors must tile the data from its start, but the file may end before they do.
 
     Raises:
         CorruptInputError: truncated file, oversized or malformed header, bad dtype, shape or
@@ -156,10 +159,10 @@ def read_header(path: Path) -> SafetensorsHeader:
             raise _bad(path, f"tensor '{rec.name}' starts at data offset {rec.begin - data_start}"
                              f" where {cursor - data_start} was expected (gap or overlap)")
         cursor = rec.end
-    if cursor != size:
+    if cursor != size and not (growing and cursor > size):
         raise _bad(path, f"the tensors cover {cursor - data_start} bytes of data but the file "
                          f"holds {data_len} (truncated or trailing bytes)")
-    return SafetensorsHeader(path, records, metadata, data_start, size)
+    return SafetensorsHeader(path, records, metadata, data_start, cursor if growing else size)
 
 
 def _record(path: Path, name: str, entry: object, data_start: int) -> TensorRecord:
@@ -245,6 +248,11 @@ class SafetensorsWriter:
     @property
     def fd(self) -> int:
         return self._file.fd
+
+    @property
+    def position(self) -> int:
+        """How many bytes of the file are written."""
+        return self._pos
 
     def _write_all(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
@@ -350,6 +358,9 @@ class SafetensorsSink:
         self._scratch = bytearray(COPY_CHUNK)
         self._kernel = [USE_COPY_FILE_RANGE]
         self._entered: list[SafetensorsWriter] = []
+        # told (file index, bytes now in that file) after each write reaches the file: a
+        # verifier reading the temporary files while they grow waits on it
+        self.on_written: Callable[[int, int], None] | None = None
 
     def __enter__(self) -> SafetensorsSink:
         if self.index is not None:
@@ -379,15 +390,19 @@ class SafetensorsSink:
     def _flush(self) -> None:
         if self._run:
             fd, offset, length = self._run
-            self.writers[self._current].copy_from(fd, offset, length, self._scratch,
-                                                  self._kernel)
+            w = self.writers[self._current]
+            w.copy_from(fd, offset, length, self._scratch, self._kernel)
             self._run = []
+            if self.on_written is not None:
+                self.on_written(self._current, w.position)
 
     def write(self, key: str, data: memoryview | bytes) -> None:
         """KEY's bytes, in plan order."""
         w = self._switch(key)
         self._flush()
         w.write(data)
+        if self.on_written is not None:
+            self.on_written(self._current, w.position)
 
     def copy(self, key: str, fd: int, offset: int, length: int) -> None:
         """KEY's bytes are LENGTH bytes of FD at OFFSET: copied without decoding."""
@@ -398,6 +413,11 @@ class SafetensorsSink:
         else:
             self._flush()
             self._run = [fd, offset, length]
+
+    @property
+    def tmp_paths(self) -> list[Path]:
+        """The files being written, under their temporary names, in output order."""
+        return [w.tmp_path for w in self.writers]
 
     def finish(self, metadata_for: Callable[[list[str]], dict[str, str]]) -> list[Path]:
         """Patch every header with its final metadata, check it, fsync; the staged files."""
@@ -518,9 +538,8 @@ class SafetensorsSource(Source):
         from ..dtypes import torch_dtype
 
         i, rec = self._records[key]
-        buf = bytearray(rec.nbytes)
-        read_into(self._fds[i], rec.begin, memoryview(buf))
-        if not buf:
+        if not rec.nbytes:
             return torch.empty(rec.shape, dtype=torch_dtype(rec.dtype))
-        flat = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
-        return flat.view(torch_dtype(rec.dtype)).reshape(rec.shape)
+        buf = np.empty(rec.nbytes, dtype=np.uint8)  # not zero-filled: read over at once
+        read_into(self._fds[i], rec.begin, memoryview(buf))
+        return torch.from_numpy(buf).view(torch_dtype(rec.dtype)).reshape(rec.shape)

@@ -129,15 +129,46 @@ def _bits(t: Any) -> Any:
 
 
 _INT_VIEW = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+_UINT = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+STRIP = 16  # source rows compared per step: a cache-sized block of each side (2x torch.equal)
+
+
+def transposed_equal(a: Any, b: Any) -> bool:
+    """Whether integer matrix B (cols x rows) is A (rows x cols) transposed, compared strip by
+    strip (the writer's kernel is not used to check itself)."""
+    import numpy as np
+
+    rows = a.shape[0]
+    if b.shape != a.shape[::-1]:
+        return False
+    if a.size == 0:  # (2**40 x 0 too: no 2**36 empty strips)
+        return True
+    return all(np.array_equal(a[i:i + STRIP].T, b[:, i:i + STRIP]) for i in range(0, rows, STRIP))
+
+
+def transposed_bytes_equal(a: Any, b: Any, rows: int, cols: int, itemsize: int) -> bool:
+    """Whether bytes B hold the cols x rows transpose of bytes A (rows x cols elements of
+    ITEMSIZE bytes), bit for bit (NaN == NaN, -0 != 0)."""
+    import numpy as np
+
+    n = rows * cols * itemsize
+    if n == 0:
+        return True
+    view = _UINT[itemsize]
+    return transposed_equal(np.frombuffer(a, np.uint8, n).view(view).reshape(rows, cols),
+                            np.frombuffer(b, np.uint8, n).view(view).reshape(cols, rows))
 
 
 def _transposed_bits_equal(w_src: Any, w_dst: Any) -> bool:
     """Whether W_DST is W_SRC with its last two dims swapped, bit for bit, through same-width
-    integer views (no transposed copy; NaN == NaN, -0 != 0)."""
+    integer views (NaN == NaN, -0 != 0)."""
     import torch
 
     view = getattr(torch, _INT_VIEW[w_src.element_size()])
-    return bool(torch.equal(w_src.view(view).transpose(-2, -1), w_dst.view(view)))
+    a, b = w_src.view(view), w_dst.view(view)
+    if a.ndim == 2 and a.device.type == "cpu" and b.device.type == "cpu":
+        return transposed_equal(a.numpy(), b.numpy())
+    return bool(torch.equal(a.transpose(-2, -1), b))
 
 CHUNK = 8 << 20
 VERIFY_THREADS = 2  # pairs checked at once, at most (and no more than the CPUs we may use)
@@ -166,8 +197,10 @@ def _bytes_equal(src: Checkpoint, a_key: str, dst: Checkpoint, b_key: str,
     return True
 
 
-def _compare_exact(pair: Pair, src: Checkpoint, dst: Checkpoint) -> CheckResult:
-    """Same dtype, shape and bytes; large tensors are compared on disk, chunk by chunk."""
+def _compare_exact(pair: Pair, src: Checkpoint, dst: Checkpoint,
+                   proven: bool | None = None) -> CheckResult:
+    """Same dtype, shape and bytes; large tensors are compared on disk, chunk by chunk
+    (PROVEN: that comparison's result, where it was made already)."""
     s, d = src.specs[pair.source], dst.specs[pair.target]
     src_dtype, dst_dtype = s.dtype, d.dtype
     s_shape, d_shape = _part(s.shape, pair.source_index), _part(d.shape, pair.target_index)
@@ -184,8 +217,9 @@ def _compare_exact(pair: Pair, src: Checkpoint, dst: Checkpoint) -> CheckResult:
     elif s_shape != d_shape:
         res.passed, res.message = False, f"shape changed from {s_shape} to {d_shape}"
     else:
-        res.bit_exact = (_bytes_equal(src, pair.source, dst, pair.target, s.nbytes)
-                         if whole else None)
+        res.bit_exact = None if not whole else (
+            proven if proven is not None
+            else _bytes_equal(src, pair.source, dst, pair.target, s.nbytes))
         a = b = None
         if res.bit_exact is None:
             a, b = tensors()
@@ -211,13 +245,14 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
                   rtol: float | None, member: tuple[int, ...] = (),
                   loaded: tuple[Any, Any] | None = None,
                   companions: Sequence[tuple[str, str, Role, Any]] = (),
-                  reference: str | None = None) -> CheckResult:
+                  reference: str | None = None, proven: bool | None = None) -> CheckResult:
     """One linear layer: ParamLinear on the param side vs nn.Linear on the linear side.
 
     SHAPES maps SRC's keys to their shapes (to find the layer's bias). MEMBER picks one
     matrix of a stack (one expert of `[E, in, out]`), and its row of an `[E, out]` bias.
     COMPANIONS (SRC key, DST key, role, a rule's block) dequantize, unmask or renormalize the
-    weight on each side before the layers run, in float32.
+    weight on each side before the layers run, in float32. PROVEN: the bit-exact transpose
+    check's result where it was already made (on the same bytes, while they were written).
     """
     import torch
     from torch import nn
@@ -243,7 +278,7 @@ def _verify_layer(pair: Pair, src: Checkpoint, dst: Checkpoint, src_param: bool,
         return res
     whole_src, whole_dst = loaded or (src.tensor(pair.source), dst.tensor(pair.target))
     w_src, w_dst = whole_src[s_at], whole_dst[d_at]
-    res.bit_exact = _transposed_bits_equal(w_src, w_dst)
+    res.bit_exact = proven if proven is not None else _transposed_bits_equal(w_src, w_dst)
     outputs = None  # a bit-exact weight's bytes are proven: its layer runs on a sample of
     n_out = w_src.shape[-1] if src_param else w_src.shape[-2]  # its outputs (all, where not)
     norms = any(t.rpartition(".")[2] in _NORMS for _, t, _, _ in companions)
@@ -527,10 +562,14 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                        pairing: str = "", device: str = "cpu", batch_size: int = 8,
                        seed: int = 0, atol: float | None = None,
                        rtol: float | None = None, reference: str | None = None,
-                       companion_rules: Sequence[Any] = ()) -> VerifyReport:
+                       companion_rules: Sequence[Any] = (),
+                       proven: Mapping[tuple[str, str], bool] | None = None) -> VerifyReport:
     """Check DST against SRC pair by pair; keys that pair with nothing are differences.
     With REFERENCE ("float64") each layer's source side also runs in that dtype.
-    COMPANION_RULES: the `[[companion]]` rules the conversion was planned with."""
+    COMPANION_RULES: the `[[companion]]` rules the conversion was planned with. PROVEN maps
+    (source, target) of whole-tensor pairs to the result of their byte check (a transpose or
+    equality), made already on the same files (`convert.verify.worker`): not made again."""
+    proven = proven or {}
     from ..companions import companion_map
     from ..selection import bias_evidence
 
@@ -557,6 +596,10 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
     for c, (w, role, block) in comps.items():
         if c in target_of:
             layer_comps.setdefault(w, []).append((c, target_of[c], role, block))
+
+    def whole_proof(p: Pair) -> bool | None:
+        whole = p.source_index is None and p.target_index is None and not p.parts
+        return proven.get((p.source, p.target)) if whole else None
 
     def check(p: Pair, held: _LastTensors) -> list[CheckResult]:
         if p.source not in src.specs:
@@ -585,11 +628,12 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
             loaded = (held.get(src, p.source), held.get(dst, p.target))
             out = [_verify_layer(p, src, dst, src_param, bias_pairs, shapes, dev, batch_size,
                                  seed, atol, rtol, member, loaded,
-                                 layer_comps.get(p.source, ()), reference)
+                                 layer_comps.get(p.source, ()), reference,
+                                 None if member else whole_proof(p))
                    for member in itertools.product(*(range(n) for n in
                                                      _part(s.shape, p.source_index)[:-2]))]
         else:
-            out = [_compare_exact(p, src, dst)]
+            out = [_compare_exact(p, src, dst, whole_proof(p))]
         src.release(p.source)
         dst.release(p.target)
         return out

@@ -1,0 +1,406 @@
+"""Verify-after-convert in a second process, overlapped with the conversion.
+
+The command line's conversions verify here: a child Python is started before planning and
+imports torch (1.4 s on the reference machine) on the other core while this process, which
+needs no torch to stream safetensors, plans and writes. A thread in this process could not do
+that import without slowing the streaming loop: the import holds the GIL for most of its time
+(measured: the 12-layer benchmark's stream went from 1.2 s to 3.4 s).
+
+For safetensors output the child is told the temporary files' names as soon as their headers
+are written, and how far each file is written after every write; it checks each pair as soon
+as the bytes it reads are in the file (read back from the file, through the file system, not
+from this process's buffers), so checks overlap the stream. After the files are finished and
+fsynced it reads every final header again and fails the verification if a tensor's dtype,
+shape or offsets differ from what it checked. For `.pt` output (a zip whose directory comes
+last) it verifies once the file is finished. Its report comes back here; a failure is exit 1
+as before and DST is not published.
+
+Protocol: length-prefixed pickles on the child's stdin and stdout, parent to child `("job",
+dict)`, `("written", file, size)`, `("done",)`; child to parent `("report", VerifyReport)`,
+`("error", class name, message)` or `("crash", traceback)`. What comes back is unpickled with
+an allow-list of the report's own classes. If the child cannot be started or dies, the caller
+verifies in its own process (`WorkerGone`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..errors import ConvertError, CorruptInputError, OutputError, UnsafeInputError, UsageError
+
+_LENGTH = 8
+_ERRORS = {c.__name__: c for c in (ConvertError, UsageError, UnsafeInputError,
+                                   CorruptInputError, OutputError)}
+
+
+class WorkerGone(Exception):  # noqa: N818 - a condition, not a user-facing error
+    """The verifying process could not be started, or ended without a report."""
+
+
+def _send(stream: BinaryIO, message: tuple[Any, ...]) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(data).to_bytes(_LENGTH, "little") + data)
+    stream.flush()
+
+
+def _receive(stream: BinaryIO) -> bytes | None:
+    """One frame's bytes, or None at the end of the stream."""
+    head = stream.read(_LENGTH)
+    if len(head) < _LENGTH:
+        return None
+    n = int.from_bytes(head, "little")
+    data = stream.read(n)
+    return data if len(data) == n else None
+
+
+class _ReportUnpickler(pickle.Unpickler):
+    """Only what a VerifyReport is made of (its dataclasses, the Layout enum)."""
+
+    ALLOWED = {("copyreg", "_reconstructor"), ("copyreg", "__newobj__"),
+               ("builtins", "object"), ("convert.layout", "Layout")}
+    MODULES = ("convert.verify.report",)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED or module in self.MODULES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the verifying process sent {module}.{name}")
+
+
+# --- this process's side --------------------------------------------------------------------
+
+class VerifyProcess:
+    """The child verifier, seen from the converting process (a `Watcher` for apply_plan).
+
+    `VerifyProcess()` starts it (it imports torch at once); `job` is set to what
+    `verify_checkpoints` needs once the plan is known; `begin` and `written` follow a
+    safetensors output as it is written; `result` waits for the report. `close` always.
+    """
+
+    COMMAND = (sys.executable, "-m", "convert.verify.worker")
+
+    def __init__(self) -> None:
+        import convert
+
+        root = str(Path(convert.__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        self.job: dict[str, Any] = {}
+        self._sent_job = False
+        self._gone: str | None = None
+        try:
+            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                list(self.COMMAND), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, env=env, close_fds=True)
+        except OSError as e:
+            self.proc, self._gone = None, f"it could not be started ({e.strerror or e})"
+
+    def _post(self, message: tuple[Any, ...]) -> None:
+        if self._gone is not None or self.proc is None or self.proc.stdin is None:
+            return
+        try:
+            _send(self.proc.stdin, message)
+        except (OSError, ValueError):
+            self._gone = self._ended()
+
+    def _ended(self) -> str:
+        code = None if self.proc is None else self.proc.poll()
+        return ("it ended early" if code is None else f"it ended early (exit status {code})")
+
+    def begin(self, paths: list[Path]) -> None:
+        self._post(("job", {**self.job, "paths": [str(p) for p in paths], "growing": True}))
+        self._sent_job = True
+
+    def written(self, file: int, size: int) -> None:
+        self._post(("written", file, size))
+
+    def result(self, paths: list[Path]) -> Any:
+        """The VerifyReport of the finished, fsynced files PATHS.
+
+        Raises:
+            WorkerGone: no report came (verify in this process instead).
+            ConvertError: the child's own refusal (a source it cannot read, say), as raised.
+        """
+        if not self._sent_job:
+            self._post(("job", {**self.job, "paths": [str(p) for p in paths],
+                                "growing": False}))
+            self._sent_job = True
+        self._post(("done",))
+        if self._gone is not None or self.proc is None or self.proc.stdout is None:
+            raise WorkerGone(self._gone or "it was not started")
+        data = _receive(self.proc.stdout)
+        if data is None:
+            self.proc.wait()
+            raise WorkerGone(self._ended())
+        try:
+            reply = _ReportUnpickler(io.BytesIO(data)).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            raise WorkerGone(f"its reply could not be read ({e})") from e
+        kind = reply[0]
+        if kind == "report":
+            return reply[1]
+        if kind == "error":
+            raise _ERRORS.get(reply[1], ConvertError)(reply[2])
+        raise RuntimeError(f"the verifying process failed:\n{reply[1]}")
+
+    def close(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- the child's side -----------------------------------------------------------------------
+
+class _ParentGone(Exception):  # noqa: N818
+    """The converting process closed the pipe: nothing to report to."""
+
+
+class _Progress:
+    """What the parent has said: the job, each file's written size, whether it is done."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.job: dict[str, Any] | None = None
+        self.sizes: dict[int, int] = {}
+        self.done = False
+        self.closed = False
+        self.proofs: _Proofs | None = None
+
+    def listen(self, stream: BinaryIO) -> None:
+        while (data := _receive(stream)) is not None:
+            message = pickle.loads(data)  # from the parent that started us
+            with self.cond:
+                if message[0] == "job":
+                    self.job = message[1]
+                    if self.job["growing"]:  # the byte checks start now, beside the import
+                        self.proofs = _Proofs(self.job, self)
+                        self.proofs.start()
+                elif message[0] == "written":
+                    self.sizes[message[1]] = message[2]
+                elif message[0] == "done":
+                    self.done = True
+                self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def wait_job(self) -> dict[str, Any]:
+        with self.cond:
+            while self.job is None and not self.closed:
+                self.cond.wait()
+            if self.job is None:
+                raise _ParentGone
+            return self.job
+
+    def wait_size(self, file: int, size: int) -> None:
+        with self.cond:
+            while self.sizes.get(file, 0) < size and not self.done and not self.closed:
+                self.cond.wait()
+            if not self.done and self.sizes.get(file, 0) < size:
+                raise _ParentGone
+
+    def wait_done(self) -> None:
+        with self.cond:
+            while not self.done and not self.closed:
+                self.cond.wait()
+            if not self.done:
+                raise _ParentGone
+
+
+def _growing_source(display: Path, paths: list[Path], progress: _Progress) -> Any:
+    """The temporary safetensors files while they are written: every read of a tensor waits
+    until the parent has written all of its bytes."""
+    from ..formats import safetensors as st
+
+    class Growing(st.SafetensorsSource):
+        def _wait(self, key: str) -> None:
+            i, rec = self._records[key]
+            progress.wait_size(i, rec.end)
+
+        def raw_range(self, key: str) -> tuple[int, int]:
+            self._wait(key)
+            return super().raw_range(key)
+
+        def read_bytes(self, key: str, scratch: bytearray) -> Any:
+            self._wait(key)
+            return super().read_bytes(key, scratch)
+
+        def read_part(self, key: str, start: int, length: int, scratch: bytearray) -> Any:
+            self._wait(key)
+            return super().read_part(key, start, length, scratch)
+
+        def tensor(self, key: str) -> Any:
+            self._wait(key)
+            return super().tensor(key)
+
+    return Growing(display, [st.read_header(p, growing=True) for p in paths])
+
+
+class _Proofs(threading.Thread):
+    """The byte checks of whole-tensor pairs (a bit-exact transpose, or equal bytes), made with
+    numpy as each pair's bytes are written, while the main thread still imports torch; the
+    layer checks then take their results (`verify_checkpoints(proven=...)`) and run only the
+    forward passes. Anything it cannot do is left to them: its errors are not reported."""
+
+    def __init__(self, job: dict[str, Any], progress: _Progress):
+        super().__init__(daemon=True, name="linconvert-proofs")
+        self.job, self.progress = job, progress
+        self.results: dict[tuple[str, str], bool] = {}
+
+    def run(self) -> None:
+        with contextlib.suppress(Exception):  # the layer checks make what is left themselves
+            self._prove()
+
+    def _prove(self) -> None:
+        from ..checkpoint import open_checkpoint
+        from ..dtypes import DTYPES
+        from ..formats.safetensors import COPY_CHUNK
+        from .layers import transposed_bytes_equal
+
+        job = self.job
+        with open_checkpoint(job["src"], state_dict_key=job["state_dict_key"],
+                             allow_globals=job["allow_globals"]) as src, \
+                _growing_source(Path(job["display"]), [Path(p) for p in job["paths"]],
+                                self.progress) as dst:
+            wanted = []
+            for p in job["pairs"]:
+                s, d = src.specs.get(p.source), dst.specs.get(p.target)
+                if (s is None or d is None or p.parts or p.source_index is not None
+                        or p.target_index is not None or s.dtype != d.dtype
+                        or DTYPES.get(s.dtype) is None):
+                    continue
+                if (p.transposed and len(s.shape) == 2 and d.shape == s.shape[::-1]) or (
+                        not p.transposed and d.shape == s.shape):
+                    wanted.append((p, s))
+            largest = max((s.nbytes for p, s in wanted if p.transposed), default=0)
+            buf_a, buf_b = bytearray(largest), bytearray(largest)
+            chunk_a, chunk_b = bytearray(COPY_CHUNK), bytearray(COPY_CHUNK)
+            for p, s in wanted:
+                if p.transposed:
+                    a = src.read_bytes(p.source, buf_a)
+                    b = dst.read_bytes(p.target, buf_b)
+                    ok = transposed_bytes_equal(a, b, *s.shape, DTYPES[s.dtype].itemsize)
+                else:
+                    ok = _equal_bytes(src, p.source, dst, p.target, s.nbytes, chunk_a, chunk_b)
+                self.results[(p.source, p.target)] = ok
+                src.release(p.source)
+
+
+def _equal_bytes(src: Any, a_key: str, dst: Any, b_key: str, nbytes: int, buf_a: bytearray,
+                 buf_b: bytearray) -> bool:
+    """Whether two tensors' bytes are equal, read chunk by chunk."""
+    import numpy as np
+
+    done = 0
+    while done < nbytes:
+        n = min(len(buf_a), nbytes - done)
+        a = src.read_part(a_key, done, n, buf_a)
+        b = dst.read_part(b_key, done, n, buf_b)
+        if not np.array_equal(np.frombuffer(a, np.uint8, n), np.frombuffer(b, np.uint8, n)):
+            return False
+        done += n
+    return True
+
+
+def _final_headers_match(dst: Any, paths: list[Path]) -> list[Any]:
+    """Failures for every tensor whose final header entry is not the one that was checked."""
+    from ..formats import safetensors as st
+    from .report import CheckResult
+
+    checked = {name: (i, rec.dtype, rec.shape, rec.begin, rec.end)
+               for name, (i, rec) in dst._records.items()}
+    final = {}
+    for i, p in enumerate(paths):
+        for name, rec in st.read_header(p).tensors.items():
+            final[name] = (i, rec.dtype, rec.shape, rec.begin, rec.end)
+    return [CheckResult(name, name, "tensor", False,
+                        message="its final header entry differs from the one verified")
+            for name in sorted(set(checked) | set(final)) if checked.get(name) != final.get(name)]
+
+
+def _run(job: dict[str, Any], progress: _Progress) -> Any:
+    from ..checkpoint import open_checkpoint, open_written
+    from . import verify_checkpoints
+
+    paths = [Path(p) for p in job["paths"]]
+    display = Path(job["display"])
+    with open_checkpoint(job["src"], state_dict_key=job["state_dict_key"],
+                         allow_globals=job["allow_globals"]) as src:
+        if job["growing"]:
+            dst = _growing_source(display, paths, progress)
+        else:
+            progress.wait_done()
+            dst = open_written(paths, job["format"], display, state_dict_key=job["dst_key"],
+                               allow_globals=job["allow_globals"])
+        proven: dict[tuple[str, str], bool] = {}
+        if progress.proofs is not None:
+            progress.proofs.join()
+            proven = progress.proofs.results
+        with dst:
+            report = verify_checkpoints(src, dst, pairs=job["pairs"], dropped=job["dropped"],
+                                        dst_layout=job["dst_layout"], pairing=job["pairing"],
+                                        device=job["device"],
+                                        companion_rules=job["companion_rules"], proven=proven)
+            if job["growing"]:
+                progress.wait_done()
+                report.results.extend(_final_headers_match(dst, paths))
+    return report
+
+
+def main() -> None:
+    """The child: import torch now, then verify the job the parent sends."""
+    import signal
+    import traceback
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and closes us
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print must not corrupt the replies
+    progress = _Progress()
+    threading.Thread(target=progress.listen, args=(sys.stdin.buffer,), daemon=True).start()
+    import torch  # noqa: F401 - the reason this process exists: imported while the parent streams
+
+    try:
+        job = progress.wait_job()
+        try:
+            reply: tuple[Any, ...] = ("report", _run(job, progress))
+        except ConvertError as e:
+            reply = ("error", type(e).__name__, str(e))
+        except _ParentGone:
+            raise
+        except Exception:  # a bug: the parent reports it as an internal error
+            reply = ("crash", traceback.format_exc())
+        _send(out, reply)
+    except (_ParentGone, OSError):  # the parent has gone (it reports its own error)
+        pass
+    # Not a normal exit: the listening thread may be inside a read of stdin (the interpreter's
+    # shutdown would then abort), and tearing torch down takes time nobody waits for.
+    with contextlib.suppress(OSError):
+        out.close()
+    os._exit(0)
+    # Not a normal exit: the listening thread may be inside a read of stdin (the interpreter's
+    # shutdown would then abort), and tearing torch down takes time nobody waits for.
+    with contextlib.suppress(OSError):
+        out.close()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

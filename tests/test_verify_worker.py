@@ -1,0 +1,264 @@
+"""Verify-after-convert in a second process (convert.verify.worker), as the command line does.
+
+The test process has torch imported, where the command line would verify in its own process;
+`_torch_imported` is patched so the conversions here take the second process as `linconvert`
+run from a shell does. Faults are planted in this (the writing) process: the verifying process
+does not share them, and must catch them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import convert.api as api
+import convert.execute as ex
+from convert.verify import worker as vw
+
+from .conftest import ROOT
+
+
+@pytest.fixture
+def elsewhere(monkeypatch):
+    """Conversions from the command line verify in a second process, as from a shell."""
+    monkeypatch.setattr(api, "_torch_imported", lambda: False)
+    started = []
+    real = vw.VerifyProcess.__init__
+
+    def counted(self):
+        real(self)
+        started.append(self)
+
+    monkeypatch.setattr(vw.VerifyProcess, "__init__", counted)
+
+    def not_here(*args):
+        raise AssertionError("verified in the converting process, not the second one")
+
+    monkeypatch.setattr(api, "_verify_written", not_here)
+    return started
+
+
+REAL_VERIFY_WRITTEN = api._verify_written
+
+
+@pytest.fixture
+def gpt2_like(tmp_path):
+    """Two param-layout layers with biases, a square one among them, and an embedding."""
+    g = torch.Generator().manual_seed(3)
+    sd = {"wte.weight": torch.randn(300, 64, generator=g)}
+    for i in range(2):
+        sd[f"h.{i}.attn.c_attn.weight"] = torch.randn(64, 192, generator=g)
+        sd[f"h.{i}.attn.c_attn.bias"] = torch.randn(192, generator=g)
+        sd[f"h.{i}.attn.c_proj.weight"] = torch.randn(64, 64, generator=g)
+        sd[f"h.{i}.attn.c_proj.bias"] = torch.randn(64, generator=g)
+        sd[f"h.{i}.ln_1.weight"] = torch.randn(64, generator=g)
+    src = tmp_path / "gpt2.safetensors"
+    save_file(sd, str(src))
+    return src, sd
+
+
+def _convert(runner, src, dst, *extra):
+    return runner("to-linear", src, "-o", dst, "--layers", "*.attn.*.weight", *extra)
+
+
+def test_clean_conversion_is_verified_by_the_second_process(runner, elsewhere, gpt2_like,
+                                                           tmp_path):
+    src, sd = gpt2_like
+    dst = tmp_path / "o.safetensors"
+    res = _convert(runner, src, dst, "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.stderr
+    assert len(elsewhere) == 1 and elsewhere[0].proc.returncode is not None
+    assert "verification ran in this process" not in res.stderr
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    layers = [r for r in report["verification"]["results"] if r["kind"] == "layer"]
+    assert len(layers) == 4 and all(r["passed"] and r["bit_exact"] for r in layers)
+    out = load_file(dst)
+    assert torch.equal(out["h.1.attn.c_proj.weight"], sd["h.1.attn.c_proj.weight"].T)
+    assert torch.equal(out["wte.weight"], sd["wte.weight"])
+
+
+def test_a_bad_transpose_in_the_writer_fails_in_the_second_process(runner, elsewhere, gpt2_like,
+                                                                   tmp_path, monkeypatch):
+    real = ex.transpose_bytes
+
+    def flip_one(src, rows, cols, itemsize, out):
+        view = real(src, rows, cols, itemsize, out)
+        if rows == cols:  # the square c_proj weights: one bit of one element
+            out[5] ^= 0x01
+        return view
+
+    monkeypatch.setattr(ex, "transpose_bytes", flip_one)
+    dst = tmp_path / "o.safetensors"
+    res = _convert(runner, src := gpt2_like[0], dst)
+    assert res.exit_code == 1, res.stderr
+    assert "h.0.attn.c_proj.weight" in res.stderr and "nothing was written" in res.stderr
+    assert len(elsewhere) == 1
+    assert not dst.exists() and not [p for p in src.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_copied_tensor_written_wrong_fails_in_the_second_process(runner, elsewhere, gpt2_like,
+                                                                   tmp_path, monkeypatch):
+    real = ex._stream_piece
+
+    def zero_embedding(key, dtype, piece, ckpt, sink, inbuf, outbuf):
+        if key != "wte.weight":
+            return real(key, dtype, piece, ckpt, sink, inbuf, outbuf)
+        sink.write(key, bytes(300 * 64 * 4))
+
+    monkeypatch.setattr(ex, "_stream_piece", zero_embedding)
+    dst = tmp_path / "o.safetensors"
+    res = _convert(runner, gpt2_like[0], dst)
+    assert res.exit_code == 1 and "wte.weight" in res.stderr and not dst.exists()
+
+
+def test_pt_output_is_verified_by_the_second_process_once_finished(runner, elsewhere,
+                                                                   gpt2_like, tmp_path,
+                                                                   monkeypatch):
+    dst = tmp_path / "o.pt"
+    res = _convert(runner, gpt2_like[0], dst)
+    assert res.exit_code == 0, res.stderr
+    assert len(elsewhere) == 1
+    assert torch.load(dst, weights_only=True).keys() == gpt2_like[1].keys()
+    real = ex.transpose_bytes
+
+    def flip_one(src, rows, cols, itemsize, out):
+        view = real(src, rows, cols, itemsize, out)
+        out[0] ^= 0x80
+        return view
+
+    monkeypatch.setattr(ex, "transpose_bytes", flip_one)
+    dst.unlink()
+    res = _convert(runner, gpt2_like[0], dst)
+    assert res.exit_code == 1 and "c_attn.weight" in res.stderr and not dst.exists()
+
+
+def test_a_second_process_that_dies_leaves_the_check_to_this_one(runner, elsewhere, gpt2_like,
+                                                                 tmp_path, monkeypatch):
+    monkeypatch.setattr(vw.VerifyProcess, "COMMAND", (sys.executable, "-c", "pass"))
+    monkeypatch.setattr(api, "_verify_written", REAL_VERIFY_WRITTEN)
+    dst = tmp_path / "o.safetensors"
+    res = _convert(runner, gpt2_like[0], dst)
+    assert res.exit_code == 0, res.stderr
+    assert "verification ran in this process" in res.stderr
+    real = ex.transpose_bytes
+
+    def flip_one(src, rows, cols, itemsize, out):
+        view = real(src, rows, cols, itemsize, out)
+        out[0] ^= 0x80
+        return view
+
+    monkeypatch.setattr(ex, "transpose_bytes", flip_one)
+    res = _convert(runner, gpt2_like[0], dst, "--overwrite")
+    assert res.exit_code == 1 and "h.0.attn.c_attn.weight" in res.stderr
+
+
+def test_a_second_process_that_cannot_start_leaves_the_check_to_this_one(runner, elsewhere,
+                                                                         gpt2_like, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(vw.VerifyProcess, "COMMAND", (str(tmp_path / "no-such-python"),))
+    monkeypatch.setattr(api, "_verify_written", REAL_VERIFY_WRITTEN)
+    res = _convert(runner, gpt2_like[0], tmp_path / "o.safetensors")
+    assert res.exit_code == 0 and "could not be started" in res.stderr
+
+
+def test_no_second_process_for_no_verify_dry_run_or_a_process_with_torch(runner, gpt2_like,
+                                                                        tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(vw, "VerifyProcess", lambda: started.append(1))
+    dst = tmp_path / "o.safetensors"
+    assert _convert(runner, gpt2_like[0], dst).exit_code == 0  # torch is imported here
+    monkeypatch.setattr(api, "_torch_imported", lambda: False)
+    assert _convert(runner, gpt2_like[0], dst, "--overwrite", "--no-verify").exit_code == 0
+    assert _convert(runner, gpt2_like[0], dst, "--overwrite", "--dry-run").exit_code == 0
+    import convert
+
+    convert.to_linear(gpt2_like[0], tmp_path / "api.safetensors", layers=["*.attn.*.weight"])
+    assert started == []  # a script's conversions verify in their own process
+
+
+def test_the_reply_is_read_with_an_allow_list():
+    hostile = pickle.dumps(("report", os.system))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        vw._ReportUnpickler(io.BytesIO(hostile)).load()
+    from convert.verify.report import CheckResult, VerifyReport
+
+    report = VerifyReport("a", "b", "cpu", "plan", "the plan",
+                          results=[CheckResult("k", "k", "layer", True)])
+    back = vw._ReportUnpickler(io.BytesIO(pickle.dumps(("report", report)))).load()[1]
+    assert back.results[0].name == "k" and back.equivalent
+
+
+def test_a_final_header_unlike_the_verified_one_fails(tmp_path):
+    a = tmp_path / "a.safetensors"
+    save_file({"x": torch.zeros(2, 3), "y": torch.zeros(4)}, str(a))
+    progress = vw._Progress()
+    progress.done = True
+    dst = vw._growing_source(a, [a], progress)
+    assert vw._final_headers_match(dst, [a]) == []
+    save_file({"x": torch.zeros(3, 2), "y": torch.zeros(4)}, str(a))  # same size, other shape
+    failures = vw._final_headers_match(dst, [a])
+    assert [f.name for f in failures] == ["x"] and not failures[0].passed
+    dst.close()
+
+
+def test_the_second_process_ends_when_this_one_goes(tmp_path):
+    """No job, no report: closing the pipe ends it, quietly (Ctrl-C in the parent)."""
+    proc = subprocess.Popen([sys.executable, "-m", "convert.verify.worker"], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(0.2)
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stdout.read() == b"" and proc.stderr.read() == b""
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_the_command_line_verifies_in_a_second_process(tmp_path, gpt2_like):
+    """`linconvert` from a shell: torch is not imported in it, the check runs beside it."""
+    dst = tmp_path / "o.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "convert", "to-linear", str(gpt2_like[0]), "-o",
+                           str(dst), "--layers", "*.attn.*.weight", "-v"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "verification ran in this process" not in proc.stderr
+    assert "verified" in proc.stderr + proc.stdout
+
+
+def test_the_byte_proofs_find_a_flipped_bit(gpt2_like, tmp_path):
+    """The numpy checks made while the file is written (before torch is needed) are the
+    bit-exact checks the report then gives: right where the bytes are, wrong where one bit is."""
+    from convert.checkpoint import open_checkpoint
+    from convert.verify import pair_keys
+
+    src, sd = gpt2_like
+    dst = tmp_path / "o.safetensors"
+    out = {k: (v.T.contiguous() if ".attn." in k and k.endswith("weight") else v)
+           for k, v in sd.items()}
+    bad = out["h.1.attn.c_attn.weight"].clone()
+    bad.view(torch.int32)[7, 9] ^= 1
+    out["h.1.attn.c_attn.weight"] = bad
+    out["wte.weight"] = out["wte.weight"].clone()
+    out["wte.weight"].view(torch.int32)[299, 63] ^= 1 << 30
+    save_file(out, str(dst))
+    with open_checkpoint(src) as s, open_checkpoint(dst) as d:
+        pairs = pair_keys(s, d, api.selection_from(None, {"layers": ["*.attn.*.weight"]}))[0]
+    job = {"src": str(src), "state_dict_key": None, "allow_globals": [], "display": str(dst),
+           "paths": [str(dst)], "pairs": pairs}
+    progress = vw._Progress()
+    progress.done = True
+    proofs = vw._Proofs(job, progress)
+    proofs.run()
+    wrong = sorted(t for (s_, t), ok in proofs.results.items() if not ok)
+    assert wrong == ["h.1.attn.c_attn.weight", "wte.weight"]
+    assert len(proofs.results) == len(sd)
