@@ -290,6 +290,7 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint, before_commit: BeforeCommit
         stream_entries(plan, ckpt, sink, progress)
         if streamed is not None:
             streamed()
+        sink.sync_data()
         sha = hasher.result()
         staged = sink.finish(metadata_for(provenance_for(plan, ckpt, sha)))
         if before_commit is not None:
