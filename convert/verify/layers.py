@@ -563,12 +563,13 @@ def verify_checkpoints(src: Checkpoint, dst: Checkpoint, *, pairs: Sequence[Pair
                        seed: int = 0, atol: float | None = None,
                        rtol: float | None = None, reference: str | None = None,
                        companion_rules: Sequence[Any] = (),
-                       proven: Mapping[tuple[str, str], bool] | None = None) -> VerifyReport:
+                       proven: Any = None) -> VerifyReport:
     """Check DST against SRC pair by pair; keys that pair with nothing are differences.
     With REFERENCE ("float64") each layer's source side also runs in that dtype.
-    COMPANION_RULES: the `[[companion]]` rules the conversion was planned with. PROVEN maps
-    (source, target) of whole-tensor pairs to the result of their byte check (a transpose or
-    equality), made already on the same files (`convert.verify.worker`): not made again."""
+    COMPANION_RULES: the `[[companion]]` rules the conversion was planned with. PROVEN, a
+    mapping's `get`: (source, target) of a whole-tensor pair to the result of its byte check
+    (a transpose or equality) made on the same files by someone else (`convert.verify.
+    worker`, whose `get` waits until the result is made), None where it was not."""
     proven = proven or {}
     from ..companions import companion_map
     from ..selection import bias_evidence

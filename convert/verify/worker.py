@@ -264,10 +264,32 @@ class _Proofs(threading.Thread):
         super().__init__(daemon=True, name="linconvert-proofs")
         self.job, self.progress = job, progress
         self.results: dict[tuple[str, str], bool] = {}
+        self._cond = threading.Condition()
+        self._wanted: set[tuple[str, str]] | None = None  # None: not known yet
+        self._over = False
 
     def run(self) -> None:
-        with contextlib.suppress(Exception):  # the layer checks make what is left themselves
-            self._prove()
+        try:
+            with contextlib.suppress(Exception):  # the layer checks make what is left
+                self._prove()
+        finally:
+            with self._cond:
+                self._over = True
+                self._cond.notify_all()
+
+    def get(self, key: tuple[str, str]) -> bool | None:
+        """The result for KEY once it is made (None: it will not be), so that the forward
+        passes start while later pairs are still being proven."""
+        with self._cond:
+            while not self._over and (self._wanted is None or (key in self._wanted
+                                                               and key not in self.results)):
+                self._cond.wait()
+            return self.results.get(key)
+
+    def _made(self, key: tuple[str, str], ok: bool) -> None:
+        with self._cond:
+            self.results[key] = ok
+            self._cond.notify_all()
 
     def _prove(self) -> None:
         from ..checkpoint import open_checkpoint
@@ -290,6 +312,9 @@ class _Proofs(threading.Thread):
                 if (p.transposed and len(s.shape) == 2 and d.shape == s.shape[::-1]) or (
                         not p.transposed and d.shape == s.shape):
                     wanted.append((p, s))
+            with self._cond:
+                self._wanted = {(p.source, p.target) for p, _ in wanted}
+                self._cond.notify_all()
             largest = max((s.nbytes for p, s in wanted if p.transposed), default=0)
             buf_a, buf_b = bytearray(largest), bytearray(largest)
             chunk_a, chunk_b = bytearray(COPY_CHUNK), bytearray(COPY_CHUNK)
@@ -300,7 +325,7 @@ class _Proofs(threading.Thread):
                     ok = transposed_bytes_equal(a, b, *s.shape, DTYPES[s.dtype].itemsize)
                 else:
                     ok = _equal_bytes(src, p.source, dst, p.target, s.nbytes, chunk_a, chunk_b)
-                self.results[(p.source, p.target)] = ok
+                self._made((p.source, p.target), ok)
                 src.release(p.source)
 
 
@@ -350,10 +375,7 @@ def _run(job: dict[str, Any], progress: _Progress) -> Any:
             progress.wait_done()
             dst = open_written(paths, job["format"], display, state_dict_key=job["dst_key"],
                                allow_globals=job["allow_globals"])
-        proven: dict[tuple[str, str], bool] = {}
-        if progress.proofs is not None:
-            progress.proofs.join()
-            proven = progress.proofs.results
+        proven: Any = progress.proofs if progress.proofs is not None else {}
         with dst:
             report = verify_checkpoints(src, dst, pairs=job["pairs"], dropped=job["dropped"],
                                         dst_layout=job["dst_layout"], pairing=job["pairing"],
