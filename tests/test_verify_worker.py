@@ -262,3 +262,31 @@ def test_the_byte_proofs_find_a_flipped_bit(gpt2_like, tmp_path):
     wrong = sorted(t for (s_, t), ok in proofs.results.items() if not ok)
     assert wrong == ["h.1.attn.c_attn.weight", "wte.weight"]
     assert len(proofs.results) == len(sd)
+
+
+def test_the_growing_file_is_opened_once_its_header_is_written(tmp_path):
+    """A direct-I/O writer holds the header in its buffer until the buffer is full: the
+    verifier waits for the bytes instead of reading a file that is still empty."""
+    import threading
+
+    full = tmp_path / "full.safetensors"
+    save_file({"x": torch.arange(6.0).reshape(2, 3)}, str(full))
+    data = full.read_bytes()
+    path = tmp_path / "growing.safetensors"
+    path.write_bytes(b"")
+    progress = vw._Progress()
+    opened = []
+    t = threading.Thread(target=lambda: opened.append(vw._growing_source(path, [path],
+                                                                        progress)))
+    t.start()
+    time.sleep(0.2)
+    assert not opened  # nothing to read yet: it waits
+    path.write_bytes(data)
+    with progress.cond:
+        progress.sizes[0] = len(data)
+        progress.cond.notify_all()
+    t.join(10)
+    dst = opened[0]
+    assert torch.equal(dst.tensor("x"), torch.arange(6.0).reshape(2, 3))
+    dst.close()
+

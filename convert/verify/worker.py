@@ -251,7 +251,16 @@ def _growing_source(display: Path, paths: list[Path], progress: _Progress) -> An
             self._wait(key)
             return super().tensor(key)
 
-    return Growing(display, [st.read_header(p, growing=True) for p in paths])
+    headers = []
+    for i, p in enumerate(paths):
+        # its header is in the file once the first bytes after it are (a direct-I/O writer
+        # holds them in its buffer until it is full)
+        progress.wait_size(i, 8)
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        progress.wait_size(i, 8 + min(n, st.MAX_HEADER_BYTES))
+        headers.append(st.read_header(p, growing=True))
+    return Growing(display, headers)
 
 
 class _Proofs(threading.Thread):
