@@ -115,13 +115,17 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
                          "only (-o FILE.onnx).")
     worker = _verifier(verify and not dry_run and output.format != "onnx")
     try:
-        return _convert(src, dst, src_path, output, target, layout, selection, state_dict_key,
-                        allow_global, dry_run, overwrite, format, max_shard_size, verify,
-                        device, opset, external_data, input_shape, input_dtype, progress,
-                        html, selection_options, worker)
-    finally:
-        if worker is not None:
-            worker.close()
+        report = _convert(src, dst, src_path, output, target, layout, selection,
+                          state_dict_key, allow_global, dry_run, overwrite, format,
+                          max_shard_size, verify, device, opset, external_data, input_shape,
+                          input_dtype, progress, html, selection_options, worker)
+    except BaseException:
+        if worker is not None:  # a refusal or a failure: do not wait for its torch import
+            worker.close(kill=True)
+        raise
+    if worker is not None:
+        worker.close()
+    return report
 
 
 def _verifier(wanted: bool) -> Any:

@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +291,95 @@ def test_the_growing_file_is_opened_once_its_header_is_written(tmp_path):
     assert torch.equal(dst.tensor("x"), torch.arange(6.0).reshape(2, 3))
     dst.close()
 
+
+
+def test_code_in_the_folder_linconvert_runs_in_is_not_imported(tmp_path, gpt2_like):
+    """A downloaded model's folder with a numpy.py (or torch/, convert/) in it: the verifying
+    process does not put the folder on sys.path, so nothing there runs."""
+    import shutil
+
+    here = tmp_path / "model"
+    here.mkdir()
+    marker = tmp_path / "ran"
+    for name in ("numpy.py", "torch.py"):
+        (here / name).write_text(f"open({str(marker)!r}, 'a').write({name!r})\n"
+                                 "raise SystemExit('hostile')\n")
+    (here / "convert").mkdir()
+    (here / "convert" / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('pkg')\n")
+    exe = shutil.which("linconvert", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("needs the linconvert console script of this environment")
+    proc = subprocess.run([exe, "to-linear", str(gpt2_like[0]), "-o",
+                           str(tmp_path / "o.safetensors"), "--layers", "*.attn.*.weight"],
+                          cwd=here, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists(), marker.read_text()
+    assert "verification ran in this process" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(8, "little") + payload
+
+
+def test_dotted_names_cannot_reach_past_the_allow_list():
+    def short(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()
+
+    for name in ("CheckResult.__init__", "describe_failures.__builtins__.get"):
+        data = b"\x80\x04" + short("convert.verify.report") + short(name) + b"\x93."
+        with pytest.raises(pickle.UnpicklingError, match="sent convert.verify.report"):
+            vw._ReportUnpickler(io.BytesIO(data)).load()
+
+
+def test_a_frame_the_child_cannot_read_ends_it_quietly():
+    proc = subprocess.Popen(list(vw.VerifyProcess.COMMAND), cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(_frame(b"not a pickle"))
+    proc.stdin.flush()
+    assert proc.wait(timeout=60) == 0  # the parent is broken: it waits for no job
+    assert proc.stdout.read() == b"" and proc.stderr.read() == b""
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        f.close()
+
+
+def test_a_child_that_fails_leaves_the_check_to_this_process(runner, elsewhere, gpt2_like,
+                                                             tmp_path, monkeypatch):
+    script = ("import pickle, sys; d = pickle.dumps(('crash', 'ImportError: no torch here'));"
+              "sys.stdout.buffer.write(len(d).to_bytes(8, 'little') + d)")
+    monkeypatch.setattr(vw.VerifyProcess, "COMMAND", (sys.executable, "-c", script))
+    monkeypatch.setattr(api, "_verify_written", REAL_VERIFY_WRITTEN)
+    res = _convert(runner, gpt2_like[0], tmp_path / "o.safetensors")
+    assert res.exit_code == 0, res.stderr
+    assert "verification ran in this process" in res.stderr and "no torch here" in res.stderr
+
+
+def test_a_refused_conversion_does_not_wait_for_the_child(runner, elsewhere, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    res = runner("to-linear", bad, "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 4, res.stderr
+    assert len(elsewhere) == 1
+    import signal
+
+    assert elsewhere[0].proc.returncode == -signal.SIGKILL  # killed, not waited for
+
+
+def test_sharded_output_is_verified_by_the_second_process(runner, elsewhere, gpt2_like,
+                                                          tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    res = _convert(runner, gpt2_like[0], out, "--max-shard-size", "40KB")
+    assert res.exit_code == 0, res.stderr
+    assert len(list(out.glob("*.safetensors"))) > 3 and len(elsewhere) == 1
+    real = ex.transpose_bytes
+
+    def flip_last(src, rows, cols, itemsize, out):
+        view = real(src, rows, cols, itemsize, out)
+        if rows == cols:
+            out[rows * cols * itemsize - 1] ^= 0x40
+        return view
+
+    monkeypatch.setattr(ex, "transpose_bytes", flip_last)
+    res = _convert(runner, gpt2_like[0], tmp_path / "shards2", "--max-shard-size", "40KB")
+    assert res.exit_code == 1 and "c_proj.weight" in res.stderr
+    assert not (tmp_path / "shards2").exists() or not list((tmp_path / "shards2").iterdir())

@@ -139,6 +139,8 @@ class DirectAppender:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for v in self._views:
+            v.release()
         for b in self._buffers:
             # a failed write's traceback may still hold a slice of it: then it is freed with
             # that, not now

@@ -62,14 +62,14 @@ def _receive(stream: BinaryIO) -> bytes | None:
 
 
 class _ReportUnpickler(pickle.Unpickler):
-    """Only what a VerifyReport is made of (its dataclasses, the Layout enum)."""
+    """Only what a VerifyReport is made of: its own dataclasses, named exactly (no dotted
+    names, which protocol 4 would follow to any attribute)."""
 
-    ALLOWED = {("copyreg", "_reconstructor"), ("copyreg", "__newobj__"),
-               ("builtins", "object"), ("convert.layout", "Layout")}
-    MODULES = ("convert.verify.report",)
+    ALLOWED = {("convert.verify.report", name)
+               for name in ("VerifyReport", "CheckResult", "Figures", "Distance")}
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED or module in self.MODULES:
+        if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"the verifying process sent {module}.{name}")
 
@@ -84,7 +84,9 @@ class VerifyProcess:
     safetensors output as it is written; `result` waits for the report. `close` always.
     """
 
-    COMMAND = (sys.executable, "-m", "convert.verify.worker")
+    # -P: the folder linconvert runs in (a downloaded model's, say) is not put on sys.path,
+    # so no numpy.py or torch/ there is imported in our place
+    COMMAND = (sys.executable, "-P", "-m", "convert.verify.worker")
 
     def __init__(self) -> None:
         import convert
@@ -148,12 +150,16 @@ class VerifyProcess:
             return reply[1]
         if kind == "error":
             raise _ERRORS.get(reply[1], ConvertError)(reply[2])
-        raise RuntimeError(f"the verifying process failed:\n{reply[1]}")
+        raise WorkerGone(f"it failed: {reply[1]}")
 
-    def close(self) -> None:
+    def close(self, *, kill: bool = False) -> None:
+        """End the child: it ends itself once its pipe closes; KILL (the conversion failed,
+        the child may still be importing torch) does not wait for that."""
         proc = self.proc
         if proc is None:
             return
+        if kill and proc.poll() is None:
+            proc.kill()
         for stream in (proc.stdin, proc.stdout):
             try:
                 if stream is not None:
@@ -185,6 +191,16 @@ class _Progress:
         self.proofs: _Proofs | None = None
 
     def listen(self, stream: BinaryIO) -> None:
+        try:
+            self._listen(stream)
+        except Exception:  # noqa: BLE001, S110 - a frame we cannot read: the parent is broken
+            pass
+        finally:  # whatever ended it, nobody waits for more from the parent
+            with self.cond:
+                self.closed = True
+                self.cond.notify_all()
+
+    def _listen(self, stream: BinaryIO) -> None:
         while (data := _receive(stream)) is not None:
             message = pickle.loads(data)  # from the parent that started us
             with self.cond:
@@ -198,9 +214,6 @@ class _Progress:
                 elif message[0] == "done":
                     self.done = True
                 self.cond.notify_all()
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
 
     def wait_job(self) -> dict[str, Any]:
         with self.cond:
@@ -253,8 +266,7 @@ def _growing_source(display: Path, paths: list[Path], progress: _Progress) -> An
 
     headers = []
     for i, p in enumerate(paths):
-        # its header is in the file once the first bytes after it are (a direct-I/O writer
-        # holds them in its buffer until it is full)
+        # the parent says when each file's header is in it (before the data)
         progress.wait_size(i, 8)
         with open(p, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -301,12 +313,16 @@ class _Proofs(threading.Thread):
             self._cond.notify_all()
 
     def _prove(self) -> None:
-        from ..checkpoint import open_checkpoint
+        from ..checkpoint import open_checkpoint, source_kind
         from ..dtypes import DTYPES
         from ..formats.safetensors import COPY_CHUNK
         from .layers import transposed_bytes_equal
 
         job = self.job
+        if source_kind(Path(job["src"])) != "safetensors":
+            # a .pt or DCP source's bytes would come through the same file ranges the writer
+            # read; the layer checks compare torch's own tensors instead
+            return
         with open_checkpoint(job["src"], state_dict_key=job["state_dict_key"],
                              allow_globals=job["allow_globals"]) as src, \
                 _growing_source(Path(job["display"]), [Path(p) for p in job["paths"]],
@@ -316,7 +332,8 @@ class _Proofs(threading.Thread):
                 s, d = src.specs.get(p.source), dst.specs.get(p.target)
                 if (s is None or d is None or p.parts or p.source_index is not None
                         or p.target_index is not None or s.dtype != d.dtype
-                        or DTYPES.get(s.dtype) is None):
+                        or DTYPES.get(s.dtype) is None
+                        or DTYPES[s.dtype].itemsize not in (1, 2, 4, 8)):
                     continue
                 if (p.transposed and len(s.shape) == 2 and d.shape == s.shape[::-1]) or (
                         not p.transposed and d.shape == s.shape):
@@ -397,40 +414,41 @@ def _run(job: dict[str, Any], progress: _Progress) -> Any:
 
 
 def main() -> None:
-    """The child: import torch now, then verify the job the parent sends."""
+    """The child: import torch now, then verify the job the parent sends. Whatever happens it
+    ends with os._exit: the listening thread may be inside a read of stdin (the interpreter's
+    shutdown would then abort), and tearing torch down takes time nobody waits for."""
     import signal
     import traceback
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and closes us
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # a stray print must not corrupt the replies
-    progress = _Progress()
-    threading.Thread(target=progress.listen, args=(sys.stdin.buffer,), daemon=True).start()
-    import torch  # noqa: F401 - the reason this process exists: imported while the parent streams
-
+    code = 0
     try:
-        job = progress.wait_job()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, closes us
+        from ..batching import _die_with
+
+        _die_with(os.getppid())  # a SIGKILLed parent takes us with it
+        out = os.fdopen(os.dup(1), "wb")
+        os.dup2(2, 1)  # a stray print must not corrupt the replies
+        progress = _Progress()
+        threading.Thread(target=progress.listen, args=(sys.stdin.buffer,), daemon=True).start()
         try:
+            import torch  # noqa: F401 - why this process exists: imported while the parent streams
+
+            job = progress.wait_job()
             reply: tuple[Any, ...] = ("report", _run(job, progress))
         except ConvertError as e:
             reply = ("error", type(e).__name__, str(e))
         except _ParentGone:
             raise
-        except Exception:  # a bug: the parent reports it as an internal error
-            reply = ("crash", traceback.format_exc())
+        except Exception as e:  # noqa: BLE001 - a bug or a broken install: the parent verifies
+            last = traceback.format_exception_only(e)[-1].strip()
+            reply = ("crash", last)
         _send(out, reply)
+        out.close()
     except (_ParentGone, OSError):  # the parent has gone (it reports its own error)
         pass
-    # Not a normal exit: the listening thread may be inside a read of stdin (the interpreter's
-    # shutdown would then abort), and tearing torch down takes time nobody waits for.
-    with contextlib.suppress(OSError):
-        out.close()
-    os._exit(0)
-    # Not a normal exit: the listening thread may be inside a read of stdin (the interpreter's
-    # shutdown would then abort), and tearing torch down takes time nobody waits for.
-    with contextlib.suppress(OSError):
-        out.close()
-    os._exit(0)
+    except BaseException:  # noqa: BLE001 - nothing may reach the user's terminal from here
+        code = 70
+    os._exit(code)
 
 
 if __name__ == "__main__":
