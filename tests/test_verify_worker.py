@@ -383,3 +383,38 @@ def test_sharded_output_is_verified_by_the_second_process(runner, elsewhere, gpt
     res = _convert(runner, gpt2_like[0], tmp_path / "shards2", "--max-shard-size", "40KB")
     assert res.exit_code == 1 and "c_proj.weight" in res.stderr
     assert not (tmp_path / "shards2").exists() or not list((tmp_path / "shards2").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["pt", "dcp"])
+def test_pt_and_dcp_sources_are_verified_by_the_second_process(runner, elsewhere, gpt2_like,
+                                                               tmp_path, monkeypatch, kind):
+    """The child opens SRC itself: a torch.save file, a DCP folder written by torch's own
+    dcp.save; a planted fault is still caught there."""
+    import warnings
+
+    sd = gpt2_like[1]
+    if kind == "pt":
+        src = tmp_path / "ckpt.pt"
+        torch.save(sd, src)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        src = tmp_path / "dcp"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({k: v.clone() for k, v in sd.items()}, checkpoint_id=src)
+    dst = tmp_path / "o.safetensors"
+    res = _convert(runner, src, dst)
+    assert res.exit_code == 0, res.stderr
+    assert len(elsewhere) == 1
+    assert torch.equal(load_file(dst)["h.0.attn.c_attn.weight"], sd["h.0.attn.c_attn.weight"].T)
+    real = ex.transpose_bytes
+
+    def flip_one(src_, rows, cols, itemsize, out):
+        view = real(src_, rows, cols, itemsize, out)
+        out[0] ^= 0x80
+        return view
+
+    monkeypatch.setattr(ex, "transpose_bytes", flip_one)
+    res = _convert(runner, src, tmp_path / "o2.safetensors")
+    assert res.exit_code == 1 and "c_attn.weight" in res.stderr
