@@ -66,6 +66,21 @@ def gpt2_like(tmp_path):
     return src, sd
 
 
+def plant_bit_flip(monkeypatch, byte: int | None = 0, mask: int = 0x80,
+                   square_only: bool = False) -> None:
+    """The writer's transpose flips MASK in BYTE of each matrix it writes (the last byte where
+    BYTE is None; only square ones with SQUARE_ONLY): the verifier must catch it."""
+    real = ex.transpose_bytes
+
+    def flip(src, rows, cols, itemsize, out):
+        view = real(src, rows, cols, itemsize, out)
+        if rows == cols or not square_only:
+            out[rows * cols * itemsize - 1 if byte is None else byte] ^= mask
+        return view
+
+    monkeypatch.setattr(ex, "transpose_bytes", flip)
+
+
 def _convert(runner, src, dst, *extra):
     return runner("to-linear", src, "-o", dst, "--layers", "*.attn.*.weight", *extra)
 
@@ -90,15 +105,7 @@ def test_clean_conversion_is_verified_by_the_second_process(runner, elsewhere, g
 
 def test_a_bad_transpose_in_the_writer_fails_in_the_second_process(runner, elsewhere, gpt2_like,
                                                                    tmp_path, monkeypatch):
-    real = ex.transpose_bytes
-
-    def flip_one(src, rows, cols, itemsize, out):
-        view = real(src, rows, cols, itemsize, out)
-        if rows == cols:  # the square c_proj weights: one bit of one element
-            out[5] ^= 0x01
-        return view
-
-    monkeypatch.setattr(ex, "transpose_bytes", flip_one)
+    plant_bit_flip(monkeypatch, 5, 0x01, square_only=True)  # the square c_proj weights
     dst = tmp_path / "o.safetensors"
     res = _convert(runner, src := gpt2_like[0], dst)
     assert res.exit_code == 1, res.stderr
@@ -130,14 +137,7 @@ def test_pt_output_is_verified_by_the_second_process_once_finished(runner, elsew
     assert res.exit_code == 0, res.stderr
     assert len(elsewhere) == 1
     assert torch.load(dst, weights_only=True).keys() == gpt2_like[1].keys()
-    real = ex.transpose_bytes
-
-    def flip_one(src, rows, cols, itemsize, out):
-        view = real(src, rows, cols, itemsize, out)
-        out[0] ^= 0x80
-        return view
-
-    monkeypatch.setattr(ex, "transpose_bytes", flip_one)
+    plant_bit_flip(monkeypatch)
     dst.unlink()
     res = _convert(runner, gpt2_like[0], dst)
     assert res.exit_code == 1 and "c_attn.weight" in res.stderr and not dst.exists()
@@ -151,14 +151,7 @@ def test_a_second_process_that_dies_leaves_the_check_to_this_one(runner, elsewhe
     res = _convert(runner, gpt2_like[0], dst)
     assert res.exit_code == 0, res.stderr
     assert "verification ran in this process" in res.stderr
-    real = ex.transpose_bytes
-
-    def flip_one(src, rows, cols, itemsize, out):
-        view = real(src, rows, cols, itemsize, out)
-        out[0] ^= 0x80
-        return view
-
-    monkeypatch.setattr(ex, "transpose_bytes", flip_one)
+    plant_bit_flip(monkeypatch)
     res = _convert(runner, gpt2_like[0], dst, "--overwrite")
     assert res.exit_code == 1 and "h.0.attn.c_attn.weight" in res.stderr
 
@@ -371,15 +364,7 @@ def test_sharded_output_is_verified_by_the_second_process(runner, elsewhere, gpt
     res = _convert(runner, gpt2_like[0], out, "--max-shard-size", "40KB")
     assert res.exit_code == 0, res.stderr
     assert len(list(out.glob("*.safetensors"))) > 3 and len(elsewhere) == 1
-    real = ex.transpose_bytes
-
-    def flip_last(src, rows, cols, itemsize, out):
-        view = real(src, rows, cols, itemsize, out)
-        if rows == cols:
-            out[rows * cols * itemsize - 1] ^= 0x40
-        return view
-
-    monkeypatch.setattr(ex, "transpose_bytes", flip_last)
+    plant_bit_flip(monkeypatch, None, 0x40, square_only=True)
     res = _convert(runner, gpt2_like[0], tmp_path / "shards2", "--max-shard-size", "40KB")
     assert res.exit_code == 1 and "c_proj.weight" in res.stderr
     assert not (tmp_path / "shards2").exists() or not list((tmp_path / "shards2").iterdir())
@@ -408,13 +393,6 @@ def test_pt_and_dcp_sources_are_verified_by_the_second_process(runner, elsewhere
     assert res.exit_code == 0, res.stderr
     assert len(elsewhere) == 1
     assert torch.equal(load_file(dst)["h.0.attn.c_attn.weight"], sd["h.0.attn.c_attn.weight"].T)
-    real = ex.transpose_bytes
-
-    def flip_one(src_, rows, cols, itemsize, out):
-        view = real(src_, rows, cols, itemsize, out)
-        out[0] ^= 0x80
-        return view
-
-    monkeypatch.setattr(ex, "transpose_bytes", flip_one)
+    plant_bit_flip(monkeypatch)
     res = _convert(runner, src, tmp_path / "o2.safetensors")
     assert res.exit_code == 1 and "c_attn.weight" in res.stderr
