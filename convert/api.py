@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,7 +97,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
     raises NotEquivalentError (exit 1) and leaves no DST. HTML names a verdict page to write
     (see `convert.verify.html`), also when verification fails.
     """
-    from .plan import resolve_output
+    from .execute import apply_plan
+    from .plan import build_export_plan, plan_output, resolve_output, source_facts
 
     src_path = Path(src)
     if os.fspath(src) == "-":
@@ -104,6 +106,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
     if not src_path.exists():
         raise UsageError(f"SRC '{src}' does not exist.")
     selection = selection_from(selection, selection_options)
+    model = selection.model
     if target is None and dst is None:
         raise UsageError("export needs -o DST: the file (or folder) to write.")
     if isinstance(layout, str):
@@ -113,54 +116,9 @@ def convert(src: str | Path, dst: str | Path | None = None, *, target: Layout | 
     if output.format != "onnx" and (opset is not None or external_data or input_shape):
         raise UsageError("--opset, --external-data and --input-shape apply to ONNX output "
                          "only (-o FILE.onnx).")
-    worker = _verifier(verify and not dry_run and output.format != "onnx")
-    try:
-        report = _convert(src, dst, src_path, output, target, layout, selection,
-                          state_dict_key, allow_global, dry_run, overwrite, format,
-                          max_shard_size, verify, device, opset, external_data, input_shape,
-                          input_dtype, progress, html, selection_options, worker)
-    except BaseException:
-        if worker is not None:  # a refusal or a failure: do not wait for its torch import
-            worker.close(kill=True)
-        raise
-    if worker is not None:
-        worker.close()
-    return report
-
-
-def _verifier(wanted: bool) -> Any:
-    """A verifier in a second process (convert.verify.worker), where one pays: the command
-    line's single conversions, in a process that has not imported torch."""
-    from .command import VERIFY_ELSEWHERE
-
-    if not wanted or not VERIFY_ELSEWHERE.get() or _torch_imported():
-        return None
-    from .verify.worker import VerifyProcess
-
-    return VerifyProcess()
-
-
-def _torch_imported() -> bool:
-    """Whether this process has torch already (then a second process would only cost)."""
-    import sys
-
-    return "torch" in sys.modules
-
-
-def _convert(src: str | Path, dst: str | Path | None, src_path: Path, output: Any,
-             target: Layout | None, layout: Layout | None,
-             selection: Selection, state_dict_key: str | None, allow_global: Sequence[str],
-             dry_run: bool, overwrite: bool, format: str | None,
-             max_shard_size: str | int | None, verify: bool, device: str, opset: int | None,
-             external_data: bool, input_shape: Sequence[Sequence[int]], input_dtype: str,
-             progress: Callable[[int, int], None] | None, html: str | Path | None,
-             selection_options: Mapping[str, Any], worker: Any) -> ConversionReport:
-    from .execute import apply_plan
-    from .plan import build_export_plan, plan_output, source_facts
-
-    model = selection.model
-    with open_checkpoint(src_path, state_dict_key=state_dict_key,
-                         allow_globals=allow_global) as ckpt:
+    with _verifier(verify and not dry_run and output.format != "onnx") as worker, \
+            open_checkpoint(src_path, state_dict_key=state_dict_key,
+                            allow_globals=allow_global) as ckpt:
         if target is None:
             reference = build_reference(model) if model else None
             plan = build_export_plan(ckpt.specs, selection, layout=layout, reference=reference,
@@ -227,6 +185,34 @@ def _convert(src: str | Path, dst: str | Path | None, src_path: Path, output: An
             streamed=_import_torch_in_background if verify and worker is None else None,
             watcher=worker if output.format == "safetensors" else None))
     return _finish_report(report, result, html, command)
+
+
+@contextmanager
+def _verifier(wanted: bool) -> Iterator[Any]:
+    """A verifier in a second process (convert.verify.worker), where one pays: the command
+    line's single conversions, in a process that has not imported torch; None elsewhere.
+    Ended on the way out: killed if the conversion failed (it may still be importing torch)."""
+    from .command import VERIFY_ELSEWHERE
+
+    if not wanted or not VERIFY_ELSEWHERE.get() or _torch_imported():
+        yield None
+        return
+    from .verify.worker import VerifyProcess
+
+    worker = VerifyProcess()
+    try:
+        yield worker
+    except BaseException:
+        worker.close(kill=True)
+        raise
+    worker.close()
+
+
+def _torch_imported() -> bool:
+    """Whether this process has torch already (then a second process would only cost)."""
+    import sys
+
+    return "torch" in sys.modules
 
 
 def _verify_written(ckpt: Checkpoint, paths: list[Path], job: Mapping[str, Any]) -> Any:
