@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHECKPOINT_SUFFIXES, open_checkpoint
+from .children import die_with
 from .errors import ConvertError, UsageError
 from .formats import is_dcp
 from .layout import Layout
@@ -438,36 +439,10 @@ def run_batch(items: list[Item], *, jobs: int | None = None, out_dir: Path | Non
     return report
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with(parent: int) -> None:
-    """End this worker when PARENT dies (a SIGKILLed batch must not leave workers holding its
-    stdout open): the kernel's parent-death signal on Linux, and a thread that watches the
-    parent everywhere (it also covers a parent that died before the signal was armed)."""
-    import contextlib
-    import ctypes
-    import signal
-    import threading
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True, name="linconvert-parent-watch").start()
-
-
 def _init_worker(threads: int, parent: int) -> None:
     """Each worker gets its share of the CPUs: JOBS workers with torch's default thread count
     would oversubscribe the cores and spin (measured: +50% CPU time, no speed-up)."""
-    _die_with(parent)
+    die_with(parent)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for a torch imported later in the worker
     torch = sys.modules.get("torch")
     if torch is not None:

@@ -396,3 +396,120 @@ def test_pt_and_dcp_sources_are_verified_by_the_second_process(runner, elsewhere
     plant_bit_flip(monkeypatch)
     res = _convert(runner, src, tmp_path / "o2.safetensors")
     assert res.exit_code == 1 and "c_attn.weight" in res.stderr
+
+
+FORKED_PROVER = r"""
+import json, os, pickle, sys
+from convert.checkpoint import open_checkpoint
+from convert.verify import pair_keys
+from convert import api
+from convert.verify import worker as vw
+
+src, dst, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
+with open_checkpoint(src) as s, open_checkpoint(dst) as d:
+    pairs = pair_keys(s, d, api.selection_from(None, {"layers": ["*.attn.*.weight"]}))[0]
+prover = vw._Prover.fork()
+mirror = vw._Proofs.made_elsewhere(prover.results)
+if kill:
+    prover.end()
+job = {"src": src, "state_dict_key": None, "allow_globals": [], "display": dst,
+       "paths": [dst], "pairs": pairs, "growing": True}
+for message in (("job", job), ("written", 0, os.path.getsize(dst)), ("done",)):
+    prover.send(pickle.dumps(message))
+got = {p.target: mirror.get((p.source, p.target)) for p in pairs}
+prover.end()
+print(json.dumps({"got": got, "forked": prover.pid != os.getpid()}))
+"""
+
+
+def _flipped_output(gpt2_like, tmp_path):
+    """GPT2_LIKE converted by hand, with one bit flipped in a transposed weight and one in a
+    copied tensor."""
+    src, sd = gpt2_like
+    out = {k: (v.T.contiguous() if ".attn." in k and k.endswith("weight") else v)
+           for k, v in sd.items()}
+    out["h.1.attn.c_attn.weight"] = out["h.1.attn.c_attn.weight"].clone()
+    out["h.1.attn.c_attn.weight"].view(torch.int32)[7, 9] ^= 1
+    out["wte.weight"] = out["wte.weight"].clone()
+    out["wte.weight"].view(torch.int32)[299, 63] ^= 1 << 30
+    dst = tmp_path / "o.safetensors"
+    save_file(out, str(dst))
+    return src, dst
+
+
+def test_the_forked_byte_checks_send_back_what_they_find(gpt2_like, tmp_path):
+    """The byte checks run in a process forked from the verifying one (no GIL shared with its
+    import of torch): it hears the parent's frames, and its results, a flipped bit among
+    them, come back for the layer checks to take."""
+    import json
+
+    src, dst = _flipped_output(gpt2_like, tmp_path)
+    proc = subprocess.run([sys.executable, "-c", FORKED_PROVER, str(src), str(dst), "keep"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["forked"]
+    wrong = sorted(k for k, ok in out["got"].items() if ok is False)
+    assert wrong == ["h.1.attn.c_attn.weight", "wte.weight"]
+    assert all(ok is True for k, ok in out["got"].items() if k not in wrong)
+    assert len(out["got"]) == len(gpt2_like[1])
+
+
+def test_byte_checks_whose_process_died_are_left_to_the_layer_checks(gpt2_like, tmp_path):
+    """A forked checker that is gone answers nothing (None: the layer checks make the
+    bit-exact check themselves) and nobody waits for it."""
+    import json
+
+    src, dst = _flipped_output(gpt2_like, tmp_path)
+    proc = subprocess.run([sys.executable, "-c", FORKED_PROVER, str(src), str(dst), "kill"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)["got"].values()) == {None}
+
+
+def test_results_from_another_process_are_plain_data_only():
+    """What the forked checker sends is read with no classes at all."""
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as out:
+        vw._send(out, ("made", ("a", "b"), True))
+        vw._send(out, ("made", ("c", "d"), os.system))
+    mirror = vw._Proofs.made_elsewhere(os.fdopen(r, "rb"))
+    assert mirror.get(("a", "b")) is True
+    assert mirror.get(("c", "d")) is None  # the stream ended at the frame it could not read
+
+
+@pytest.mark.parametrize("args, starts", [
+    (["to-linear", "a.safetensors"], True),
+    (["-q", "to-linear", "a.safetensors"], True),
+    (["to-param", "a.pt", "-o", "b.pt"], True),
+    (["export", "a.pt", "-o", "b.safetensors"], True),
+    (["to-linear", "a.safetensors", "--no-verify"], False),
+    (["to-linear", "a.safetensors", "--dry-run"], False),
+    (["to-linear", "a.safetensors", "-o", "b.onnx"], False),
+    (["export", "a.pt", "-o", "b", "--format", "onnx"], False),
+    (["to-linear", "--help"], False),
+    (["inspect", "a.safetensors"], False),
+    (["batch", "a.safetensors"], False),
+    ([], False),
+])
+def test_the_command_line_starts_its_verifier_before_planning(monkeypatch, args, starts):
+    """As it starts, the command line starts the verifying process of a conversion that will
+    verify (torch imports there while this one plans); none where it will not."""
+    from convert import cli
+
+    monkeypatch.delitem(sys.modules, "torch")  # as from a shell (restored after the test)
+    monkeypatch.setattr(vw, "VerifyProcess", lambda: "started")
+    assert (cli._early_verifier(args) == "started") is starts
+
+
+def test_an_early_verifier_nobody_takes_is_ended(tmp_path):
+    """`linconvert` refusing a conversion it started a verifier for (a corrupt SRC) exits at
+    once with its code, the verifier killed, nothing left behind."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    proc = subprocess.run([sys.executable, "-m", "convert", "to-linear", str(bad), "-o",
+                           str(tmp_path / "o.safetensors")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]

@@ -6,10 +6,13 @@ needs no torch to stream safetensors, plans and writes. A thread in this process
 that import without slowing the streaming loop: the import holds the GIL for most of its time
 (measured: the 12-layer benchmark's stream went from 1.2 s to 3.4 s).
 
-For safetensors output the child is told the temporary files' names as soon as their headers
-are written, and how far each file is written after every write; it checks each pair as soon
-as the bytes it reads are in the file (read back from the file, through the file system, not
-from this process's buffers), so checks overlap the stream. After the files are finished and
+The command line starts the child as it starts (`convert.cli`), before it imports what plans
+the conversion. For safetensors output the child is told the temporary files' names as soon as
+their headers are written, and how far each file is written after every write; it checks each
+pair as soon as the bytes it reads are in the file (read back from the file, through the file
+system, not from this process's buffers), so checks overlap the stream. Those byte checks run
+in a process the child forks before it imports torch (`_Prover`): in one process the import
+and the checks took turns at one GIL. After the files are finished and
 fsynced it reads every final header again and fails the verification if a tensor's dtype,
 shape or offsets differ from what it checked. For `.pt` output (a zip whose directory comes
 last) it verifies once the file is finished. Its report comes back here; a failure is exit 1
@@ -31,6 +34,7 @@ import pickle
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -182,13 +186,21 @@ class _ParentGone(Exception):  # noqa: N818
 class _Progress:
     """What the parent has said: the job, each file's written size, whether it is done."""
 
-    def __init__(self) -> None:
+    def __init__(self, proofs: _Proofs | None = None,
+                 forward: Callable[[bytes], None] | None = None,
+                 report: Callable[[tuple[Any, ...]], None] | None = None) -> None:
+        """PROOFS: the byte checks' results as another process makes them (none are made
+        here then); FORWARD: hears each frame from the parent, for that process; REPORT:
+        hears the results of the byte checks made here (for the process that waits on them)."""
         self.cond = threading.Condition()
         self.job: dict[str, Any] | None = None
         self.sizes: dict[int, int] = {}
         self.done = False
         self.closed = False
-        self.proofs: _Proofs | None = None
+        self.proofs = proofs
+        self._prove_here = proofs is None
+        self._forward = forward
+        self._report = report
 
     def listen(self, stream: BinaryIO) -> None:
         try:
@@ -202,12 +214,14 @@ class _Progress:
 
     def _listen(self, stream: BinaryIO) -> None:
         while (data := _receive(stream)) is not None:
+            if self._forward is not None:
+                self._forward(data)
             message = pickle.loads(data)  # from the parent that started us
             with self.cond:
                 if message[0] == "job":
                     self.job = message[1]
-                    if self.job["growing"]:  # the byte checks start now, beside the import
-                        self.proofs = _Proofs(self.job, self)
+                    if self.job["growing"] and self._prove_here:  # the byte checks start now
+                        self.proofs = _Proofs(self.job, self, self._report)
                         self.proofs.start()
                 elif message[0] == "written":
                     self.sizes[message[1]] = message[2]
@@ -281,22 +295,44 @@ class _Proofs(threading.Thread):
     layer checks then take their results (`verify_checkpoints(proven=...)`) and run only the
     forward passes. Anything it cannot do is left to them: its errors are not reported."""
 
-    def __init__(self, job: dict[str, Any], progress: _Progress):
+    def __init__(self, job: dict[str, Any] | None, progress: _Progress | None,
+                 report: Callable[[tuple[Any, ...]], None] | None = None):
         super().__init__(daemon=True, name="linconvert-proofs")
         self.job, self.progress = job, progress
         self.results: dict[tuple[str, str], bool] = {}
         self._cond = threading.Condition()
         self._wanted: set[tuple[str, str]] | None = None  # None: not known yet
         self._over = False
+        self._report = report or (lambda message: None)
+
+    @classmethod
+    def made_elsewhere(cls, stream: BinaryIO) -> _Proofs:
+        """The results another process's byte checks send on STREAM, as they come (what
+        REPORT was told there); when the stream ends, nothing more will be made."""
+        mirror = cls(None, None)
+
+        def follow() -> None:
+            try:
+                while (data := _receive(stream)) is not None:
+                    message = _PlainUnpickler(io.BytesIO(data)).load()
+                    if message[0] == "wanted":
+                        mirror._want(set(message[1]))
+                    elif message[0] == "made":
+                        mirror._made(message[1], message[2])
+            except Exception:  # noqa: BLE001, S110 - a broken process: the layer checks decide
+                pass
+            finally:
+                mirror._end()
+
+        threading.Thread(target=follow, daemon=True, name="linconvert-proofs-in").start()
+        return mirror
 
     def run(self) -> None:
         try:
             with contextlib.suppress(Exception):  # the layer checks make what is left
                 self._prove()
         finally:
-            with self._cond:
-                self._over = True
-                self._cond.notify_all()
+            self._end()
 
     def get(self, key: tuple[str, str]) -> bool | None:
         """The result for KEY once it is made (None: it will not be), so that the forward
@@ -307,10 +343,23 @@ class _Proofs(threading.Thread):
                 self._cond.wait()
             return self.results.get(key)
 
+    def _want(self, keys: set[tuple[str, str]]) -> None:
+        with self._cond:
+            self._wanted = keys
+            self._cond.notify_all()
+        self._report(("wanted", sorted(keys)))
+
     def _made(self, key: tuple[str, str], ok: bool) -> None:
         with self._cond:
             self.results[key] = ok
             self._cond.notify_all()
+        self._report(("made", key, ok))
+
+    def _end(self) -> None:
+        with self._cond:
+            self._over = True
+            self._cond.notify_all()
+        self._report(("over",))
 
     def _prove(self) -> None:
         from ..checkpoint import open_checkpoint, source_kind
@@ -319,6 +368,7 @@ class _Proofs(threading.Thread):
         from .layers import transposed_bytes_equal
 
         job = self.job
+        assert job is not None and self.progress is not None
         if source_kind(Path(job["src"])) != "safetensors":
             # a .pt or DCP source's bytes would come through the same file ranges the writer
             # read; the layer checks compare torch's own tensors instead
@@ -338,9 +388,7 @@ class _Proofs(threading.Thread):
                 if (p.transposed and len(s.shape) == 2 and d.shape == s.shape[::-1]) or (
                         not p.transposed and d.shape == s.shape):
                     wanted.append((p, s))
-            with self._cond:
-                self._wanted = {(p.source, p.target) for p, _ in wanted}
-                self._cond.notify_all()
+            self._want({(p.source, p.target) for p, _ in wanted})
             largest = max((s.nbytes for p, s in wanted if p.transposed), default=0)
             buf_a, buf_b = bytearray(largest), bytearray(largest)
             chunk_a, chunk_b = bytearray(COPY_CHUNK), bytearray(COPY_CHUNK)
@@ -369,6 +417,100 @@ def _equal_bytes(src: Any, a_key: str, dst: Any, b_key: str, nbytes: int, buf_a:
             return False
         done += n
     return True
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Tuples, lists, strings and booleans only: what the byte checks' process sends."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"the byte checks' process sent {module}.{name}")
+
+
+class _Prover:
+    """The byte checks (`_Proofs`) in a process of their own, forked from the verifying one
+    before it imports torch, so that the checks and the import do not take turns at one GIL
+    (in one process the import held it: on the 12-layer benchmark the checks ended 1.7 s
+    after the last byte was written). It hears every frame the parent sends (`send`) and
+    sends back what it proves (`results`, read by `_Proofs.made_elsewhere`). None of the
+    verdict depends on it: a pair it did not prove is checked by the layer checks."""
+
+    def __init__(self, pid: int, inbox: int, results: BinaryIO):
+        self.pid, self._inbox, self.results = pid, inbox, results
+
+    @classmethod
+    def fork(cls) -> _Prover | None:
+        """The forked process, or None where there is no fork (the checks then run on a
+        thread of the verifying process)."""
+        if not hasattr(os, "fork"):
+            return None
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (to_r, to_w, from_r, from_w):
+                os.close(fd)
+            return None
+        if pid == 0:
+            os.close(to_w)
+            os.close(from_r)
+            _prove_for_sibling(to_r, from_w)  # never returns
+        os.close(to_r)
+        os.close(from_w)
+        return cls(pid, to_w, os.fdopen(from_r, "rb"))
+
+    def end(self) -> None:
+        """Stop it (its results are all in, or no longer wanted) and reap it."""
+        import signal
+
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+
+    def send(self, data: bytes) -> None:
+        """Pass on one frame from the parent (dropped once the process has gone)."""
+        if self._inbox < 0:
+            return
+        frame = memoryview(len(data).to_bytes(_LENGTH, "little") + data)
+        try:
+            while frame:
+                frame = frame[os.write(self._inbox, frame):]
+        except OSError:
+            os.close(self._inbox)
+            self._inbox = -1
+
+
+def _prove_for_sibling(inbox: int, outbox: int) -> None:
+    """The forked byte checks' process: hear the parent's frames on INBOX, prove what the job
+    asks, report each result on OUTBOX; end with os._exit, whatever happens."""
+    try:
+        # nothing of the verifying process's pipes: the parent must see its stdout end
+        # when that process ends, and its frames are read there
+        os.dup2(2, 1)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        from ..children import die_with
+
+        die_with(os.getppid())
+        out = os.fdopen(outbox, "wb")
+        lock = threading.Lock()
+
+        def report(message: tuple[Any, ...]) -> None:
+            with lock, contextlib.suppress(OSError, ValueError):
+                _send(out, message)
+
+        progress = _Progress(report=report)
+        threading.Thread(target=progress.listen, args=(os.fdopen(inbox, "rb"),),
+                         daemon=True).start()
+        progress.wait_job()
+        if progress.proofs is not None:
+            progress.proofs.join()
+        else:  # nothing to prove here (a .pt output is verified once finished)
+            report(("over",))
+    except BaseException:  # noqa: BLE001, S110 - the verifying process decides without us
+        pass
+    os._exit(0)
 
 
 def _final_headers_match(dst: Any, paths: list[Path]) -> list[Any]:
@@ -423,12 +565,16 @@ def main() -> None:
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, closes us
-        from ..batching import _die_with
+        parent = os.getppid()
+        prover = _Prover.fork()  # before any thread is started: a fork copies only this one
+        from ..children import die_with
 
-        _die_with(os.getppid())  # a SIGKILLed parent takes us with it
+        die_with(parent)  # a SIGKILLed parent takes us with it
         out = os.fdopen(os.dup(1), "wb")
         os.dup2(2, 1)  # a stray print must not corrupt the replies
-        progress = _Progress()
+        progress = (_Progress() if prover is None else
+                    _Progress(proofs=_Proofs.made_elsewhere(prover.results),
+                              forward=prover.send))
         threading.Thread(target=progress.listen, args=(sys.stdin.buffer,), daemon=True).start()
         try:
             import torch  # noqa: F401 - why this process exists: imported while the parent streams
@@ -444,6 +590,8 @@ def main() -> None:
             reply = ("crash", last)
         _send(out, reply)
         out.close()
+        if prover is not None:
+            prover.end()
     except (_ParentGone, OSError):  # the parent has gone (it reports its own error)
         pass
     except BaseException:  # noqa: BLE001 - nothing may reach the user's terminal from here
