@@ -192,14 +192,14 @@ def _verifier(wanted: bool) -> Iterator[Any]:
     """A verifier in a second process (convert.verify.worker), where one pays: the command
     line's single conversions, in a process that has not imported torch; None elsewhere.
     Ended on the way out: killed if the conversion failed (it may still be importing torch)."""
-    from .command import VERIFY_ELSEWHERE
+    from .command import EARLY_VERIFIER, VERIFY_ELSEWHERE
 
     if not wanted or not VERIFY_ELSEWHERE.get() or _torch_imported():
-        yield None
+        yield None  # (one the command line started early ends with it)
         return
     from .verify.worker import VerifyProcess
 
-    worker = VerifyProcess()
+    worker = EARLY_VERIFIER.get() or VerifyProcess()
     try:
         yield worker
     except BaseException:

@@ -464,14 +464,34 @@ def run(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (the one handler that maps outcomes)."""
     import shlex
 
-    from .command import COMMAND
+    from .command import COMMAND, EARLY_VERIFIER
 
+    args = sys.argv[1:] if argv is None else argv
     # what made a verdict page: this command line, for this run only
-    token = COMMAND.set(shlex.join(["linconvert", *(sys.argv[1:] if argv is None else argv)]))
+    token = COMMAND.set(shlex.join(["linconvert", *args]))
+    verifier = _early_verifier(args)
+    early = EARLY_VERIFIER.set(verifier)
     try:
         return _run(argv)
     finally:
+        EARLY_VERIFIER.reset(early)
+        if verifier is not None:  # not taken, or taken and ended: nothing is waited for
+            verifier.close(kill=True)
         COMMAND.reset(token)
+
+
+def _early_verifier(args: list[str]) -> Any:
+    """The verifying process of a conversion that will verify, started now: it imports torch
+    (seconds) while this process imports the rest and plans. A guess from the words alone;
+    a wrong one costs a process killed at the end, and a conversion with none starts its own."""
+    command = next((a for a in args if not a.startswith("-")), None)  # past -v, -q
+    if (command not in ("to-linear", "to-param", "export") or "torch" in sys.modules
+            or any(a in ("--no-verify", "--dry-run", "--help", "-h", "--version", "onnx")
+                   or a.endswith(".onnx") for a in args)):
+        return None
+    from .verify.worker import VerifyProcess
+
+    return VerifyProcess()
 
 
 def _run(argv: list[str] | None) -> int:

@@ -4,6 +4,7 @@ page). Its own module so that the command line's start imports nothing else."""
 from __future__ import annotations
 
 from contextvars import ContextVar
+from typing import Any
 
 COMMAND: ContextVar[str | None] = ContextVar("linconvert_command", default=None)
 
@@ -12,3 +13,7 @@ COMMAND: ContextVar[str | None] = ContextVar("linconvert_command", default=None)
 # conversions set it; a migration script or a batch, which may convert many files in one
 # process and import torch once, verifies in its own process.
 VERIFY_ELSEWHERE: ContextVar[bool] = ContextVar("linconvert_verify_elsewhere", default=False)
+
+# That second process, when the command line started it as it started (before importing what
+# plans a conversion), for the conversion to take instead of starting its own.
+EARLY_VERIFIER: ContextVar[Any] = ContextVar("linconvert_early_verifier", default=None)
