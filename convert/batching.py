@@ -262,7 +262,7 @@ def select_shard(items: list[Item], shard: tuple[int, int] | None) -> list[Item]
 
 def _sha256(path: Path) -> str:
     """SHA-256 of a source as provenance records it (all shards, in index order)."""
-    from .execute import sha256_files
+    from .digest import sha256_files
 
     if path.is_dir() or path.name.endswith(".index.json") or is_dcp(path):
         with open_checkpoint(path) as ckpt:

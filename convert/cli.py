@@ -227,6 +227,10 @@ def _conversion_command(name: str, layout_name: str | None, doc: str) -> None:
     def command(src: Path, dst: str | None, fmt: str | None, max_shard_size: str | None,
                 dry_run: bool, verify: bool, device: str, overwrite: bool,
                 report_path: Path | None, **selection: Any) -> None:
+        if not dry_run:  # the source's hash starts now, while the rest is imported
+            from .digest import start_early
+
+            start_early(src)
         from .api import convert
         from .errors import NotEquivalentError
         from .layout import Layout
@@ -477,6 +481,8 @@ def run(argv: list[str] | None = None) -> int:
         EARLY_VERIFIER.reset(early)
         if verifier is not None:  # not taken, or taken and ended: nothing is waited for
             verifier.close(kill=True)
+        if "convert.digest" in sys.modules:  # an early hash nothing took (a refusal)
+            sys.modules["convert.digest"].stop_early()
         COMMAND.reset(token)
 
 

@@ -14,10 +14,8 @@ their records are written.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,8 +24,8 @@ from typing import Any, Protocol
 
 from . import __version__
 from .checkpoint import Checkpoint
+from .digest import SourceHash, hash_files
 from .dtypes import DTYPES, nbytes_of, swapped
-from .errors import CorruptInputError
 from .formats import safetensors as st
 from .formats.atomic import output_error, partial_path
 from .formats.safetensors import read_range
@@ -51,41 +49,6 @@ class ExecutionResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     verification: Any = None  # the VerifyReport of a verified ONNX write
-
-
-def sha256_files(files: tuple[Path, ...]) -> str:
-    """SHA-256 of FILES' bytes, concatenated in order (what provenance records)."""
-    h = hashlib.sha256()
-    buf = bytearray(st.COPY_CHUNK)
-    view = memoryview(buf)
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-    return h.hexdigest()
-
-
-class _Hasher(threading.Thread):
-    """SHA-256 of the source files, in order, read on a second thread (hashlib drops the GIL)."""
-
-    def __init__(self, files: tuple[Path, ...]):
-        super().__init__(daemon=True, name="linconvert-sha256")
-        self.files = files
-        self.digest = ""
-        self.error: OSError | None = None
-
-    def run(self) -> None:
-        try:
-            self.digest = sha256_files(self.files)
-        except OSError as e:
-            self.error = e
-
-    def result(self) -> str:
-        self.join()
-        if self.error is not None:
-            raise CorruptInputError(f"cannot read the source while hashing it "
-                                    f"({self.error.strerror or self.error}).") from self.error
-        return self.digest
 
 
 def transpose_bytes(src: Any, rows: int, cols: int, itemsize: int, out: bytearray) -> memoryview:
@@ -679,8 +642,7 @@ def converted_state_dict(plan: Plan, ckpt: Checkpoint) -> dict[str, Any]:
     return _convert_state_dict(plan, ckpt.tensor, ckpt)
 
 
-def hash_sources(ckpt: Checkpoint) -> _Hasher:
-    """Start hashing the source's files on a second thread; `.result()` joins it."""
-    hasher = _Hasher(ckpt.files)
-    hasher.start()
-    return hasher
+def hash_sources(ckpt: Checkpoint) -> SourceHash:
+    """The source's files hashing on a second thread (the command line's early hash where it
+    is of the same file); `.result()` joins it."""
+    return hash_files(ckpt.files)

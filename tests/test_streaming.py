@@ -160,3 +160,77 @@ def test_a_legacy_pt_source_keeps_a_tied_tensor_it_released(tmp_path, runner):
     assert res.exit_code == 0, res.stderr
     out = load_file(tmp_path / "out.safetensors")
     assert torch.equal(out["wte.weight"], emb) and torch.equal(out["lm_head.weight"], emb)
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_command_lines_early_hash_is_taken_only_for_the_same_file(tmp_path):
+    """The command line hashes SRC as it starts; a conversion takes that hash only if it is
+    of the file it opened: a file changed (or replaced) between gets a hash of its own."""
+    import os
+
+    from convert import digest
+
+    a = tmp_path / "a.safetensors"
+    save_file(_checkpoint(1), str(a))
+    digest.start_early(a)
+    hasher = digest.hash_files((a,))
+    assert hasher.result() == _sha256(a)
+    digest.start_early(a)
+    save_file(_checkpoint(2), str(tmp_path / "b.safetensors"))
+    os.replace(tmp_path / "b.safetensors", a)  # another file under the same name
+    fresh = digest.hash_files((a,))
+    assert fresh is not hasher and fresh.result() == _sha256(a)
+    digest.start_early(a)
+    shards = (a, tmp_path / "c.bin")
+    shards[1].write_bytes(b"x" * 100)
+    both = digest.hash_files(shards)  # not the one file hashed early
+    assert both.result() == _sha256_all(shards)
+
+
+def _sha256_all(paths) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_no_early_hash_of_what_is_not_a_regular_file(tmp_path):
+    """A FIFO (or a folder) named as SRC is not opened by the early hash (it would block)."""
+    import os
+
+    from convert import digest
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    digest.start_early(fifo)
+    digest.start_early(tmp_path)
+    assert digest._early is None
+
+
+def test_an_early_hash_nobody_takes_stops(tmp_path):
+    from convert import digest
+
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(b"\0" * (3 * digest.CHUNK))
+    digest.start_early(a)
+    hasher = digest._early[1]
+    digest.stop_early()
+    hasher.join(timeout=60)
+    assert not hasher.is_alive() and digest._early is None
+
+
+def test_the_command_line_records_the_sources_sha256(tmp_path, runner):
+    src = tmp_path / "m.safetensors"
+    save_file(_checkpoint(3), str(src))
+    dst = tmp_path / "o.safetensors"
+    res = runner("to-linear", src, "-o", dst, "--layers", "*.fc.weight")
+    assert res.exit_code == 0, res.stderr
+    with open_checkpoint(dst) as d:
+        assert d.provenance.source_sha256 == _sha256(src)
