@@ -6,12 +6,16 @@ Each checkpoint is GPT-2-like in the param layout (default d=768, float32, ~325 
 layers; `--d`, `--vocab`, `--layers` resize it; each file's values differ). Runs
 `linconvert batch DIR --direction to-linear --out-dir OUT -j N --preset gpt2` with
 verification (the default) and with `--no-verify`, into a fresh output folder each time,
-interleaved, and prints the medians and the speed-up of -j 2 over -j 1.
+interleaved, and prints the medians and the speed-up of -j 2 over -j 1. With them, what bounds
+the speed-up: the CPU time of each run (user + sys of the batch and its workers, from rusage),
+the cores it kept busy on average (CPU time / wall), and so the most -j 2 can gain on the cores
+this process may use if the work stays the same: cores / (cores busy at -j 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -63,19 +67,31 @@ def main() -> None:
                     out = work / "out"
                     shutil.rmtree(out, ignore_errors=True)
                     start = time.perf_counter()
-                    subprocess.run([*exe, "batch", str(src), "--direction", "to-linear",
-                                    "--out-dir", str(out), "-j", str(jobs), "--preset", "gpt2",
-                                    verify, "-q"], check=True, stdout=subprocess.DEVNULL)
-                    results.setdefault((verify, jobs), []).append(time.perf_counter() - start)
+                    proc = subprocess.Popen([*exe, "batch", str(src), "--direction",
+                                             "to-linear", "--out-dir", str(out), "-j",
+                                             str(jobs), "--preset", "gpt2", verify, "-q"],
+                                            stdout=subprocess.DEVNULL)
+                    _, status, usage = os.wait4(proc.pid, 0)  # its workers are waited for
+                    wall = time.perf_counter() - start
+                    if os.waitstatus_to_exitcode(status) != 0:
+                        raise SystemExit(f"batch -j {jobs} {verify} failed")
+                    results.setdefault((verify, jobs), []).append(
+                        (wall, usage.ru_utime + usage.ru_stime))
         print(f"\n{args.count} checkpoints, {size:.0f} MB in all, {args.repeat} rounds "
               f"(median wall seconds)\n")
-        print("| mode | -j 1 | -j 2 | speed-up |")
-        print("|---|---|---|---|")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            os.cpu_count() or 1
+        print("| mode | -j 1 wall s | -j 2 wall s | speed-up | -j 1 CPU s (cores busy) "
+              "| -j 2 CPU s (cores busy) | most -j 2 can gain |")
+        print("|---|---|---|---|---|---|---|")
         for verify in ("--verify", "--no-verify"):
-            j1 = statistics.median(results[(verify, 1)])
-            j2 = statistics.median(results[(verify, 2)])
-            print(f"| {verify} | {j1:.2f} | {j2:.2f} | {j1 / j2:.2f}x |")
-        print("\ntarget: -j 2 at least 1.6x faster than -j 1 (with verification, the default)")
+            (w1, c1), (w2, c2) = (
+                (statistics.median(w for w, _ in results[(verify, j)]),
+                 statistics.median(c for _, c in results[(verify, j)])) for j in (1, 2))
+            print(f"| {verify} | {w1:.2f} | {w2:.2f} | {w1 / w2:.2f}x | {c1:.2f} "
+                  f"({c1 / w1:.2f}) | {c2:.2f} ({c2 / w2:.2f}) | {cores * w1 / c1:.2f}x |")
+        print(f"\ntarget: -j 2 at least 1.6x faster than -j 1 (with verification, the "
+              f"default); {cores} cores here")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
