@@ -486,14 +486,19 @@ def run(argv: list[str] | None = None) -> int:
         COMMAND.reset(token)
 
 
+def _torch_imported() -> bool:
+    """Whether this process has torch (then it verifies here: convert.api)."""
+    return "torch" in sys.modules
+
+
 def _early_verifier(args: list[str]) -> Any:
     """The verifying process of a conversion that will verify, started now: it imports torch
     (seconds) while this process imports the rest and plans. A guess from the words alone;
     a wrong one costs a process killed at the end, and a conversion with none starts its own."""
     command = next((a for a in args if not a.startswith("-")), None)  # past -v, -q
-    if (command not in ("to-linear", "to-param", "export") or "torch" in sys.modules
+    if (command not in ("to-linear", "to-param", "export") or _torch_imported()
             or any(a in ("--no-verify", "--dry-run", "--help", "-h", "--version", "onnx")
-                   or a.endswith(".onnx") for a in args)):
+                   or a.lower().endswith((".onnx", "=onnx")) for a in args)):
         return None
     from .verify.worker import VerifyProcess
 

@@ -178,13 +178,15 @@ def test_the_command_lines_early_hash_is_taken_only_for_the_same_file(tmp_path):
     a = tmp_path / "a.safetensors"
     save_file(_checkpoint(1), str(a))
     digest.start_early(a)
-    hasher = digest.hash_files((a,))
-    assert hasher.result() == _sha256(a)
+    early = digest._early[1]
+    assert digest.hash_files((a,)) is early and early.result() == _sha256(a)
     digest.start_early(a)
+    early = digest._early[1]
     save_file(_checkpoint(2), str(tmp_path / "b.safetensors"))
     os.replace(tmp_path / "b.safetensors", a)  # another file under the same name
     fresh = digest.hash_files((a,))
-    assert fresh is not hasher and fresh.result() == _sha256(a)
+    assert fresh is not early and early._cancelled.is_set()
+    assert fresh.result() == _sha256(a)
     digest.start_early(a)
     shards = (a, tmp_path / "c.bin")
     shards[1].write_bytes(b"x" * 100)
@@ -215,15 +217,20 @@ def test_no_early_hash_of_what_is_not_a_regular_file(tmp_path):
 
 
 def test_an_early_hash_nobody_takes_stops(tmp_path):
+    import threading
+
     from convert import digest
 
     a = tmp_path / "a.safetensors"
     a.write_bytes(b"\0" * (3 * digest.CHUNK))
+    stopped = threading.Event()
+    stopped.set()
+    assert digest.sha256_files((a,), stopped) == ""  # a stopped hash reads no further
     digest.start_early(a)
     hasher = digest._early[1]
     digest.stop_early()
+    assert hasher._cancelled.is_set() and digest._early is None
     hasher.join(timeout=60)
-    assert not hasher.is_alive() and digest._early is None
 
 
 def test_the_command_line_records_the_sources_sha256(tmp_path, runner):

@@ -235,16 +235,8 @@ def test_the_byte_proofs_find_a_flipped_bit(gpt2_like, tmp_path):
     from convert.checkpoint import open_checkpoint
     from convert.verify import pair_keys
 
-    src, sd = gpt2_like
-    dst = tmp_path / "o.safetensors"
-    out = {k: (v.T.contiguous() if ".attn." in k and k.endswith("weight") else v)
-           for k, v in sd.items()}
-    bad = out["h.1.attn.c_attn.weight"].clone()
-    bad.view(torch.int32)[7, 9] ^= 1
-    out["h.1.attn.c_attn.weight"] = bad
-    out["wte.weight"] = out["wte.weight"].clone()
-    out["wte.weight"].view(torch.int32)[299, 63] ^= 1 << 30
-    save_file(out, str(dst))
+    sd = gpt2_like[1]
+    src, dst = _flipped_output(gpt2_like, tmp_path)
     with open_checkpoint(src) as s, open_checkpoint(dst) as d:
         pairs = pair_keys(s, d, api.selection_from(None, {"layers": ["*.attn.*.weight"]}))[0]
     job = {"src": str(src), "state_dict_key": None, "allow_globals": [], "display": str(dst),
@@ -418,7 +410,7 @@ for message in (("job", job), ("written", 0, os.path.getsize(dst)), ("done",)):
     prover.send(pickle.dumps(message))
 got = {p.target: mirror.get((p.source, p.target)) for p in pairs}
 prover.end()
-print(json.dumps({"got": got, "forked": prover.pid != os.getpid()}))
+print(json.dumps({"got": got}))
 """
 
 
@@ -448,7 +440,6 @@ def test_the_forked_byte_checks_send_back_what_they_find(gpt2_like, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["forked"]
     wrong = sorted(k for k, ok in out["got"].items() if ok is False)
     assert wrong == ["h.1.attn.c_attn.weight", "wte.weight"]
     assert all(ok is True for k, ok in out["got"].items() if k not in wrong)
@@ -497,19 +488,58 @@ def test_the_command_line_starts_its_verifier_before_planning(monkeypatch, args,
     verify (torch imports there while this one plans); none where it will not."""
     from convert import cli
 
-    monkeypatch.delitem(sys.modules, "torch")  # as from a shell (restored after the test)
+    monkeypatch.setattr(cli, "_torch_imported", lambda: False)  # as from a shell
     monkeypatch.setattr(vw, "VerifyProcess", lambda: "started")
     assert (cli._early_verifier(args) == "started") is starts
 
 
-def test_an_early_verifier_nobody_takes_is_ended(tmp_path):
-    """`linconvert` refusing a conversion it started a verifier for (a corrupt SRC) exits at
-    once with its code, the verifier killed, nothing left behind."""
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    proc = subprocess.run([sys.executable, "-m", "convert", "to-linear", str(bad), "-o",
-                           str(tmp_path / "o.safetensors")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 4, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+class _FakeVerifier:
+    """Stands for the early verifying process: records how it was ended."""
+
+    def __init__(self):
+        self.ends = []
+        _FakeVerifier.made.append(self)
+
+    def close(self, *, kill=False):
+        self.ends.append(kill)
+
+
+@pytest.mark.parametrize("case", ["missing SRC", "corrupt SRC"])
+def test_an_early_verifier_is_killed_when_the_command_fails(monkeypatch, tmp_path, case):
+    """A refusal before the conversion takes the early verifier (click's own usage error)
+    or after (a corrupt SRC): the command line kills it on its way out."""
+    from convert import cli
+
+    _FakeVerifier.made = []
+    monkeypatch.setattr(cli, "_torch_imported", lambda: False)
+    monkeypatch.setattr(api, "_torch_imported", lambda: False)
+    monkeypatch.setattr(vw, "VerifyProcess", _FakeVerifier)
+    src = tmp_path / "bad.safetensors"
+    if case == "corrupt SRC":
+        src.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    code = cli.run(["to-linear", str(src), "-o", str(tmp_path / "o.safetensors")])
+    assert code == (2 if case == "missing SRC" else 4)
+    assert len(_FakeVerifier.made) == 1 and _FakeVerifier.made[0].ends[-1] is True
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_the_layer_checks_take_the_forked_checks_results(runner, elsewhere, gpt2_like,
+                                                         tmp_path, monkeypatch):
+    """End to end: in the verifying process, the layer checks make no bit-exact check of
+    their own (a sitecustomize makes that check raise there): the forked process's results
+    pass a clean conversion and fail a flipped bit, naming the weight."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import importlib\n"
+        "layers = importlib.import_module('convert.verify.layers')\n"
+        "def refuse(*args):\n"
+        "    raise RuntimeError('the layer checks made a byte check of their own')\n"
+        "layers._transposed_bits_equal = refuse\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    res = _convert(runner, gpt2_like[0], tmp_path / "o.safetensors")
+    assert res.exit_code == 0, res.stderr
+    plant_bit_flip(monkeypatch)
+    res = _convert(runner, gpt2_like[0], tmp_path / "o2.safetensors")
+    assert res.exit_code == 1, res.stderr
+    assert "c_attn.weight" in res.stderr and not (tmp_path / "o2.safetensors").exists()

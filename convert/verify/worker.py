@@ -49,9 +49,12 @@ class WorkerGone(Exception):  # noqa: N818 - a condition, not a user-facing erro
     """The verifying process could not be started, or ended without a report."""
 
 
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(_LENGTH, "little") + data
+
+
 def _send(stream: BinaryIO, message: tuple[Any, ...]) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(len(data).to_bytes(_LENGTH, "little") + data)
+    stream.write(_frame(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
     stream.flush()
 
 
@@ -186,20 +189,18 @@ class _ParentGone(Exception):  # noqa: N818
 class _Progress:
     """What the parent has said: the job, each file's written size, whether it is done."""
 
-    def __init__(self, proofs: _Proofs | None = None,
-                 forward: Callable[[bytes], None] | None = None,
+    def __init__(self, prover: _Prover | None = None,
                  report: Callable[[tuple[Any, ...]], None] | None = None) -> None:
-        """PROOFS: the byte checks' results as another process makes them (none are made
-        here then); FORWARD: hears each frame from the parent, for that process; REPORT:
-        hears the results of the byte checks made here (for the process that waits on them)."""
+        """PROVER: the process that makes the byte checks (none are made here then): it hears
+        each frame from the parent, and that they have ended; REPORT: hears the results of the
+        byte checks made here (for the process that waits on them)."""
         self.cond = threading.Condition()
         self.job: dict[str, Any] | None = None
         self.sizes: dict[int, int] = {}
         self.done = False
         self.closed = False
-        self.proofs = proofs
-        self._prove_here = proofs is None
-        self._forward = forward
+        self.proofs = None if prover is None else _Proofs.made_elsewhere(prover.results)
+        self._prover = prover
         self._report = report
 
     def listen(self, stream: BinaryIO) -> None:
@@ -211,16 +212,18 @@ class _Progress:
             with self.cond:
                 self.closed = True
                 self.cond.notify_all()
+            if self._prover is not None:
+                self._prover.close()
 
     def _listen(self, stream: BinaryIO) -> None:
         while (data := _receive(stream)) is not None:
-            if self._forward is not None:
-                self._forward(data)
+            if self._prover is not None:
+                self._prover.send(data)
             message = pickle.loads(data)  # from the parent that started us
             with self.cond:
                 if message[0] == "job":
                     self.job = message[1]
-                    if self.job["growing"] and self._prove_here:  # the byte checks start now
+                    if self.job["growing"] and self._prover is None:  # the checks start now
                         self.proofs = _Proofs(self.job, self, self._report)
                         self.proofs.start()
                 elif message[0] == "written":
@@ -319,6 +322,8 @@ class _Proofs(threading.Thread):
                         mirror._want(set(message[1]))
                     elif message[0] == "made":
                         mirror._made(message[1], message[2])
+                    elif message[0] == "over":
+                        break
             except Exception:  # noqa: BLE001, S110 - a broken process: the layer checks decide
                 pass
             finally:
@@ -436,53 +441,71 @@ class _Prover:
 
     def __init__(self, pid: int, inbox: int, results: BinaryIO):
         self.pid, self._inbox, self.results = pid, inbox, results
+        self._reaped = False
+        self._lock = threading.Lock()
 
     @classmethod
     def fork(cls) -> _Prover | None:
-        """The forked process, or None where there is no fork (the checks then run on a
-        thread of the verifying process)."""
+        """The forked process, or None where there is no fork or no pipe (the checks then
+        run on a thread of the verifying process)."""
         if not hasattr(os, "fork"):
             return None
-        to_r, to_w = os.pipe()
-        from_r, from_w = os.pipe()
+        fds: list[int] = []
         try:
+            fds.extend(os.pipe())
+            fds.extend(os.pipe())
+            me = os.getpid()
             pid = os.fork()
         except OSError:
-            for fd in (to_r, to_w, from_r, from_w):
+            for fd in fds:
                 os.close(fd)
             return None
+        to_r, to_w, from_r, from_w = fds
         if pid == 0:
             os.close(to_w)
             os.close(from_r)
-            _prove_for_sibling(to_r, from_w)  # never returns
+            _prove_for_sibling(me, to_r, from_w)  # never returns
         os.close(to_r)
         os.close(from_w)
         return cls(pid, to_w, os.fdopen(from_r, "rb"))
 
     def end(self) -> None:
-        """Stop it (its results are all in, or no longer wanted) and reap it."""
+        """Stop it (its results are all in, or no longer wanted) and reap it (once)."""
         import signal
 
+        self.close()
+        if self._reaped:
+            return
+        self._reaped = True
         with contextlib.suppress(OSError):
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
 
     def send(self, data: bytes) -> None:
         """Pass on one frame from the parent (dropped once the process has gone)."""
-        if self._inbox < 0:
-            return
-        frame = memoryview(len(data).to_bytes(_LENGTH, "little") + data)
-        try:
-            while frame:
-                frame = frame[os.write(self._inbox, frame):]
-        except OSError:
-            os.close(self._inbox)
-            self._inbox = -1
+        with self._lock:
+            if self._inbox < 0:
+                return
+            frame = memoryview(_frame(data))
+            try:
+                while frame:
+                    frame = frame[os.write(self._inbox, frame):]
+            except OSError:
+                os.close(self._inbox)
+                self._inbox = -1
+
+    def close(self) -> None:
+        """No more frames: the process sees its input end (the parent's did)."""
+        with self._lock:
+            if self._inbox >= 0:
+                os.close(self._inbox)
+                self._inbox = -1
 
 
-def _prove_for_sibling(inbox: int, outbox: int) -> None:
+def _prove_for_sibling(verifier: int, inbox: int, outbox: int) -> None:
     """The forked byte checks' process: hear the parent's frames on INBOX, prove what the job
-    asks, report each result on OUTBOX; end with os._exit, whatever happens."""
+    asks, report each result on OUTBOX; end with os._exit, whatever happens, and with the
+    process VERIFIER that forked it."""
     try:
         # nothing of the verifying process's pipes: the parent must see its stdout end
         # when that process ends, and its frames are read there
@@ -492,7 +515,7 @@ def _prove_for_sibling(inbox: int, outbox: int) -> None:
         os.close(devnull)
         from ..children import die_with
 
-        die_with(os.getppid())
+        die_with(verifier)
         out = os.fdopen(outbox, "wb")
         lock = threading.Lock()
 
@@ -543,7 +566,8 @@ def _run(job: dict[str, Any], progress: _Progress) -> Any:
             progress.wait_done()
             dst = open_written(paths, job["format"], display, state_dict_key=job["dst_key"],
                                allow_globals=job["allow_globals"])
-        proven: Any = progress.proofs if progress.proofs is not None else {}
+        # the byte checks run only beside a growing file (a .pt output is checked finished)
+        proven: Any = progress.proofs if job["growing"] and progress.proofs is not None else {}
         with dst:
             report = verify_checkpoints(src, dst, pairs=job["pairs"], dropped=job["dropped"],
                                         dst_layout=job["dst_layout"], pairing=job["pairing"],
@@ -563,6 +587,7 @@ def main() -> None:
     import traceback
 
     code = 0
+    prover = None
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C, closes us
         parent = os.getppid()
@@ -572,9 +597,7 @@ def main() -> None:
         die_with(parent)  # a SIGKILLed parent takes us with it
         out = os.fdopen(os.dup(1), "wb")
         os.dup2(2, 1)  # a stray print must not corrupt the replies
-        progress = (_Progress() if prover is None else
-                    _Progress(proofs=_Proofs.made_elsewhere(prover.results),
-                              forward=prover.send))
+        progress = _Progress(prover)
         threading.Thread(target=progress.listen, args=(sys.stdin.buffer,), daemon=True).start()
         try:
             import torch  # noqa: F401 - why this process exists: imported while the parent streams
@@ -590,12 +613,13 @@ def main() -> None:
             reply = ("crash", last)
         _send(out, reply)
         out.close()
-        if prover is not None:
-            prover.end()
     except (_ParentGone, OSError):  # the parent has gone (it reports its own error)
         pass
     except BaseException:  # noqa: BLE001 - nothing may reach the user's terminal from here
         code = 70
+    finally:
+        if prover is not None:
+            prover.end()
     os._exit(code)
 
 

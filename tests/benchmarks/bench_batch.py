@@ -73,7 +73,8 @@ def main() -> None:
                                             stdout=subprocess.DEVNULL)
                     _, status, usage = os.wait4(proc.pid, 0)  # its workers are waited for
                     wall = time.perf_counter() - start
-                    if os.waitstatus_to_exitcode(status) != 0:
+                    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here
+                    if proc.returncode != 0:
                         raise SystemExit(f"batch -j {jobs} {verify} failed")
                     results.setdefault((verify, jobs), []).append(
                         (wall, usage.ru_utime + usage.ru_stime))
