@@ -91,9 +91,14 @@ class VerifyProcess:
     safetensors output as it is written; `result` waits for the report. `close` always.
     """
 
-    # -P: the folder linconvert runs in (a downloaded model's, say) is not put on sys.path,
-    # so no numpy.py or torch/ there is imported in our place
-    COMMAND = (sys.executable, "-P", "-m", "convert.verify.worker")
+    # The folder linconvert runs in (a downloaded model's, say) is not put on sys.path, so no
+    # numpy.py or torch/ there is imported in our place: `python -c` puts it there as '' and
+    # the first line takes it off (what -P does, on Pythons before 3.11 too)
+    COMMAND = (sys.executable, "-c", "import sys\n"
+               "if sys.path and sys.path[0] == '':\n"
+               "    del sys.path[0]\n"
+               "from convert.verify.worker import main\n"
+               "main()\n")
 
     def __init__(self) -> None:
         import convert
