@@ -109,9 +109,7 @@ def start_early(path: Path) -> None:
 
 def hash_files(files: tuple[Path, ...]) -> SourceHash:
     """A started hash of FILES: the early one where it is of that same file, else a new one."""
-    global _early
-    with _lock:
-        early, _early = _early, None
+    early = _take_early()
     if early is not None:
         identity, hasher = early
         try:
@@ -128,8 +126,14 @@ def hash_files(files: tuple[Path, ...]) -> SourceHash:
 
 def stop_early() -> None:
     """Stop an early hash that no conversion took (the command refused, say)."""
+    early = _take_early()
+    if early is not None:
+        early[1].stop()
+
+
+def _take_early() -> tuple[Identity, SourceHash] | None:
+    """The early hash, if any, now no longer anybody else's to take."""
     global _early
     with _lock:
         early, _early = _early, None
-    if early is not None:
-        early[1].stop()
+    return early
